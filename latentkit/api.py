@@ -1,0 +1,155 @@
+"""The two entry points: `load_pipeline` and `generate`."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from latentkit.devices import resolve_device, resolve_dtype
+from latentkit.pipeline import Callback, Seeds, StableDiffusion
+from latentkit.protocols import Scheduler
+from latentkit.results import GenerationResult, OutputType
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def load_pipeline(
+    source: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> StableDiffusion:
+    """Load a Stable Diffusion 1.x/2.x model from a Hub repo id or a local diffusers folder.
+
+    Only the files the pipeline uses are downloaded (configs, tokenizer, one weight file per
+    component of ``variant``, e.g. ``"fp16"``); the Hub cache, ``HF_HUB_OFFLINE=1`` and
+    ``revision`` pinning work as in huggingface_hub. Pickle weights are refused unless
+    ``allow_pickle=True``.
+
+    Example:
+        >>> pipe = latentkit.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP
+        >>> pipe.generate("a photo of a cat", seed=42).images[0].save("cat.png")  # doctest: +SKIP
+    """
+    from latentkit.loading import resolve
+
+    # Check the cheap arguments before touching the network or the disk.
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    files = resolve(
+        source,
+        revision=revision,
+        variant=variant,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        allow_pickle=allow_pickle,
+        progress=progress,
+    )
+    return StableDiffusion.from_files(files, device=dev, dtype=dt, progress=progress)
+
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple[Any, ...], StableDiffusion] = {}
+
+
+def _cached_pipeline(
+    model: str | os.PathLike[str],
+    device: str | torch.device,
+    dtype: str | torch.dtype,
+    progress: bool,
+) -> StableDiffusion:
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    source = os.fspath(model)
+    key = (os.path.abspath(source) if os.path.isdir(source) else source, str(dev), dt)
+    with _cache_lock:
+        if key not in _cache:
+            # Keep one model: Stable Diffusion weights take gigabytes.
+            _cache.clear()
+            _cache[key] = load_pipeline(source, device=dev, dtype=dt, progress=progress)
+        return _cache[key]
+
+
+def clear_cache() -> None:
+    """Forget the pipeline `generate` keeps loaded between calls."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def generate(
+    prompt: str | Sequence[str],
+    *,
+    model: str | os.PathLike[str] | StableDiffusion = DEFAULT_MODEL,
+    negative_prompt: str | Sequence[str] | None = None,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
+    scheduler: str | Scheduler | None = None,
+    seed: Seeds = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images: int = 1,
+    output_type: OutputType = "pil",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    callback: Callback | None = None,
+    progress: bool = True,
+) -> GenerationResult:
+    """Generate images from a text prompt in one call.
+
+    Args:
+        prompt: A prompt, or a list of prompts (``num_images`` images each).
+        model: A Hub repo id, a local diffusers folder, or a loaded pipeline. The loaded
+            model is kept, so repeated calls with the same model do not reload it.
+        negative_prompt: What to steer away from (the unconditional branch of guidance).
+        steps: Number of denoising steps.
+        guidance_scale: Classifier-free guidance weight; ≤ 1 turns guidance off.
+        guidance_rescale: Rescale factor φ of Lin et al. 2024 (0 = off).
+        scheduler: A scheduler name (see ``latentkit.schedulers.names()``) or object;
+            ``None`` uses the model's own.
+        seed: An int (one CPU generator for the batch, exactly as diffusers'
+            ``torch.Generator("cpu").manual_seed(seed)``), a list with one seed per image,
+            or ``None`` for a fresh random seed (reported in ``result.parameters``).
+        height: Image height in pixels, a multiple of the autoencoder factor (8); ``None``: the model's size.
+        width: Image width in pixels, likewise.
+        num_images: Images per prompt.
+        output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+        device: ``"auto"`` (CUDA, then MPS, then CPU), or a device.
+        dtype: ``"auto"`` (fp16 on GPUs, fp32 on CPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        callback: Called with a `latentkit.SamplerStep` after every step.
+        progress: Show progress bars on stderr.
+
+    Example:
+        >>> result = latentkit.generate("a photo of a cat", scheduler="dpm-solver++", steps=25, seed=42)  # doctest: +SKIP
+        >>> result.images[0].save("cat.png")  # doctest: +SKIP
+    """
+    if isinstance(model, StableDiffusion):
+        pipe = model
+    else:
+        pipe = _cached_pipeline(model, device, dtype, progress)
+    return pipe.generate(
+        prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
+        scheduler=scheduler,
+        seed=seed,
+        height=height,
+        width=width,
+        num_images=num_images,
+        output_type=output_type,
+        callback=callback,
+        progress=progress,
+    )

@@ -1,0 +1,107 @@
+"""The ``latentkit`` command: ``latentkit generate "prompt" -o out.png`` and ``latentkit schedulers``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    from latentkit.api import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="latentkit", description="Latent diffusion image generation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        help="PNG path (default out.png); several images get -N suffixes",
+    )
+    gen.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub repo id or local diffusers folder (default {DEFAULT_MODEL})",
+    )
+    gen.add_argument(
+        "--scheduler",
+        default=None,
+        help="scheduler name (see `latentkit schedulers`); default: the model's own",
+    )
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed (default: a fresh one, written into the PNG)",
+    )
+    gen.add_argument("-W", "--width", type=int, default=None)
+    gen.add_argument("-H", "--height", type=int, default=None)
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("-n", "--num-images", type=int, default=1)
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("schedulers", help="list the registered schedulers")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from latentkit.errors import LatentkitError
+
+    try:
+        if args.command == "schedulers":
+            from latentkit import schedulers
+
+            for name in schedulers.names():
+                print(name)
+            return 0
+        return _generate(args)
+    except LatentkitError as e:
+        print(f"latentkit: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from latentkit.api import load_pipeline
+    from latentkit.errors import InvalidArgumentError
+    from latentkit.results import output_paths
+
+    output: Path = args.output
+    if output.suffix.lower() != ".png":
+        raise InvalidArgumentError(
+            f"output must be a .png file (it carries the parameters), got {output}"
+        )
+    output_paths(output, args.num_images, overwrite=args.overwrite)  # fail before loading
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    result = pipe.generate(
+        args.prompt,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        num_images=args.num_images,
+        progress=not args.quiet,
+    )
+    for path in result.save(output, overwrite=args.overwrite):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

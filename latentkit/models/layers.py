@@ -1,0 +1,379 @@
+"""The building blocks the UNet and the autoencoder share, each written once.
+
+Attribute names equal the keys of published diffusers checkpoints (``to_q``, ``to_out.0``,
+``ff.net.0.proj``, ...), so a state dict loads by name with no conversion table. No module
+registers a buffer and nothing in ``__init__`` reads data, so every block can be built on
+the ``meta`` device and receive its weights with ``load_state_dict(..., assign=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentkit.errors import InvalidArgumentError
+
+
+def timestep_embedding(
+    timesteps: Tensor,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+    max_period: float = 10000.0,
+) -> Tensor:
+    """Sinusoidal embedding (B, dim) of the (B,) diffusion ``timesteps`` (Ho et al. 2020, app. B).
+
+    The frequencies are those of the Transformer's position encoding (Vaswani et al. 2017,
+    sec. 3.5): ``max_period ** (-i / (dim / 2 - freq_shift))``. Stable Diffusion puts the
+    cosines first (``flip_sin_to_cos``) with ``freq_shift = 0``. Computed in float32, as the
+    reference does, whatever the dtype of the network.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(
+        half, dtype=torch.float32, device=timesteps.device
+    )
+    frequencies = torch.exp(exponent / (half - freq_shift))
+    angles = timesteps[:, None].float() * frequencies[None, :]
+    parts = (
+        [torch.cos(angles), torch.sin(angles)]
+        if flip_sin_to_cos
+        else [torch.sin(angles), torch.cos(angles)]
+    )
+    embedding = torch.cat(parts, dim=-1)
+    if dim % 2 == 1:  # an odd width gets one zero column, so the shape is what was asked for
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class TimestepEmbedding(nn.Module):
+    """The MLP that lifts the sinusoidal embedding to the width the ResNet blocks add in."""
+
+    def __init__(self, in_features: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.linear_2(F.silu(self.linear_1(x)))
+        return out
+
+
+class ResnetBlock(nn.Module):
+    """A pre-activation residual block, optionally shifted by the time embedding.
+
+    ``GroupNorm -> SiLU -> conv -> (+ time) -> GroupNorm -> SiLU -> dropout -> conv``, added to
+    the input (through a 1x1 ``conv_shortcut`` when the width changes). The UNet passes
+    ``temb_channels``; the autoencoder, which has no time, passes ``None`` (and eps 1e-6).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = (
+            nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        )
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            if in_channels != out_channels
+            else None
+        )
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        h: Tensor = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise InvalidArgumentError("this ResnetBlock takes a time embedding; pass temb")
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip: Tensor = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return (skip + h) / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product attention (Vaswani et al. 2017, sec. 3.2.2).
+
+    ``softmax(Q K^T / sqrt(head_dim)) V`` over ``heads`` heads, with queries from ``x``
+    (B, N, query_dim) and keys/values from ``context`` (B, M, context_dim), or from ``x``
+    itself when ``context`` is ``None``. ``to_out`` is a list so the output projection's key
+    is ``to_out.0``, as in the checkpoints.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        kv_dim = query_dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias)])
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        source = x if context is None else context
+        batch = x.shape[0]
+
+        def split_heads(t: Tensor) -> Tensor:  # (B, N, H*D) -> (B, H, N, D)
+            return t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+
+        q, k, v = (
+            split_heads(self.to_q(x)),
+            split_heads(self.to_k(source)),
+            split_heads(self.to_v(source)),
+        )
+        # No explicit float32 upcast (`upcast_attention` / `upcast_softmax` in configs): the fused
+        # SDPA kernels accumulate in float32 already, and diffusers' default processor does the same.
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        merged = out.transpose(1, 2).reshape(batch, -1, self.heads * out.shape[-1])
+        projected: Tensor = self.to_out[0](merged)
+        return projected
+
+
+class SpatialSelfAttention(Attention):
+    """The autoencoder's mid-block attention: one head over all pixels, GroupNorm first, residual.
+
+    It is `Attention` with a ``group_norm`` beside the projections, so the keys stay flat
+    (``attentions.0.group_norm``, ``attentions.0.to_q``, ...) as in the checkpoints.
+    """
+
+    def __init__(self, channels: int, *, groups: int, eps: float) -> None:
+        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        # `context` is accepted so MidBlock can call every attention alike; this one is self-attention.
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        out = super().forward(tokens)
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
+
+
+class GEGLU(nn.Module):
+    """``a * GELU(b)`` for ``[a, b] = proj(x)``: the gated unit of Shazeer 2020 (GLU variants)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        out: Tensor = value * F.gelu(gate)
+        return out
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with a 4x hidden width; ``net.1`` is an (empty) dropout so the keys are ``net.0``/``net.2``."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.net(x)
+        return out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, and feed-forward, each residual.
+
+    The conditioning mechanism of latent diffusion (Rombach et al. 2022, sec. 3.3): queries come
+    from the image tokens, keys and values from the text encoder's output ``context``.
+    """
+
+    def __init__(self, dim: int, *, heads: int, head_dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads=heads, head_dim=head_dim, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        out: Tensor = self.ff(self.norm3(x)) + x
+        return out
+
+
+class SpatialTransformer(nn.Module):
+    """Cross-attention over an image: diffusers' ``Transformer2DModel`` as Stable Diffusion uses it.
+
+    GroupNorm, a projection to ``heads * head_dim`` wide tokens (a 1x1 conv in SD 1.x, a linear
+    layer in SD 2.x), ``depth`` transformer blocks, the projection back, plus the input
+    (Rombach et al. 2022, sec. 3.3).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        heads: int,
+        head_dim: int,
+        context_dim: int,
+        depth: int,
+        groups: int,
+        linear_projection: bool,
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in: nn.Module
+        self.proj_out: nn.Module
+        if linear_projection:
+            self.proj_in, self.proj_out = nn.Linear(channels, inner), nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, kernel_size=1)
+            self.proj_out = nn.Conv2d(inner, channels, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(inner, heads=heads, head_dim=head_dim, context_dim=context_dim)
+            for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+
+        def to_tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, H*W, C)
+            return t.permute(0, 2, 3, 1).reshape(b, h * w, t.shape[1])
+
+        def to_image(t: Tensor) -> Tensor:  # (B, H*W, C) -> (B, C, H, W)
+            return t.reshape(b, h, w, t.shape[-1]).permute(0, 3, 1, 2).contiguous()
+
+        tokens = self.norm(x)
+        # The two projections are the same map; they differ in whether they act before or after
+        # the reshape to tokens, which is where each checkpoint family trained them.
+        tokens = (
+            to_tokens(self.proj_in(tokens))
+            if not self.linear_projection
+            else self.proj_in(to_tokens(tokens))
+        )
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        out: Tensor = (
+            self.proj_out(to_image(tokens))
+            if not self.linear_projection
+            else to_image(self.proj_out(tokens))
+        )
+        return out + x
+
+
+class Downsample(nn.Module):
+    """A stride-2 3x3 convolution that halves the resolution.
+
+    ``padding=0`` means the autoencoder's asymmetric padding: one zero row and column on the
+    bottom and right only, as the original LDM encoder was trained with.
+    """
+
+    def __init__(self, channels: int, *, padding: int) -> None:
+        super().__init__()
+        self.asymmetric = padding == 0
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
+        out: Tensor = self.conv(x)
+        return out
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to ``size``, then a 3x3 convolution.
+
+    Callers pass the size of the matching skip connection rather than doubling, so a latent
+    with an odd side (e.g. 9x11) comes back to exactly the size it had on the way down.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        out: Tensor = self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return out
+
+
+class DownBlock(nn.Module):
+    """ResNet blocks, each optionally followed by attention, then an optional `Downsample`.
+
+    `forward` also returns every intermediate output: the UNet keeps them as skip
+    connections (Rombach et al. 2022, fig. 3); the autoencoder's encoder ignores them.
+    """
+
+    def __init__(
+        self,
+        resnets: list[ResnetBlock],
+        attentions: list[SpatialTransformer],
+        downsample: Downsample | None,
+    ) -> None:
+        super().__init__()
+        if attentions and len(attentions) != len(resnets):
+            raise InvalidArgumentError(
+                f"{len(resnets)} resnets need as many attentions, got {len(attentions)}"
+            )
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)  # empty for a block without attention: no keys
+        self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
+
+    def forward(
+        self, x: Tensor, temb: Tensor | None = None, context: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        outputs: list[Tensor] = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if len(self.attentions):
+                x = self.attentions[i](x, context)
+            outputs.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            outputs.append(x)
+        return x, outputs
+
+
+class MidBlock(nn.Module):
+    """ResNet, attention, ResNet at the lowest resolution; the attention is optional (some VAEs drop it)."""
+
+    def __init__(
+        self, resnets: tuple[ResnetBlock, ResnetBlock], attention: nn.Module | None
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList([attention] if attention is not None else [])
+
+    def forward(
+        self, x: Tensor, temb: Tensor | None = None, context: Tensor | None = None
+    ) -> Tensor:
+        x = self.resnets[0](x, temb)
+        for attention in self.attentions:
+            x = attention(x, context)
+        out: Tensor = self.resnets[1](x, temb)
+        return out

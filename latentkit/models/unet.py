@@ -1,0 +1,349 @@
+"""The denoising UNet of Stable Diffusion 1.x and 2.x (Rombach et al. 2022, sec. 3.3).
+
+`UNetConfig` reads a diffusers ``unet/config.json``; `UNet2DCondition` is the
+network, with module paths equal to the checkpoint keys so weights load by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentkit.errors import InvalidArgumentError, UnsupportedModelError
+from latentkit.models.layers import (
+    DownBlock,
+    Downsample,
+    MidBlock,
+    ResnetBlock,
+    SpatialTransformer,
+    TimestepEmbedding,
+    Upsample,
+    timestep_embedding,
+)
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# Config keys that SD 1.x/2.x leave at diffusers' default but that change the network when set:
+# each maps to the only value latentkit implements. Keys not listed here and not read by
+# `UNetConfig.from_dict` do not change an SD UNet (e.g. `_class_name`) and are ignored.
+_FIXED_KEYS: dict[str, object] = {
+    "act_fn": "silu",
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "center_input_sample": False,
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "class_embeddings_concat": False,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "attention_type": "default",
+    "reverse_transformer_layers_per_block": None,
+}
+
+
+def _unsupported(key: str, value: object, supported: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"UNet config {key}={value!r} is not supported; latentkit implements Stable Diffusion "
+        f"1.x/2.x UNets, which use {supported}"
+    )
+
+
+def _uniform_int(d: Mapping[str, Any], key: str, default: int) -> int:
+    """An int setting that diffusers also accepts per block; per-block values must all be equal."""
+    value = d.get(key, default)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(set(value)) != 1:
+            raise _unsupported(key, value, "one value for every block")
+        value = value[0]
+    return int(value)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The settings of a Stable Diffusion UNet, read from diffusers' ``unet/config.json``.
+
+    Defaults are diffusers' own, so a config file that omits a key means the same here.
+    """
+
+    in_channels: int = 4
+    """4 for text-to-image, 9 for inpainting (latents, mask, masked image), 5 for depth."""
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
+    """Heads per down block (the up blocks use them reversed); each head is ``channels // heads`` wide."""
+    cross_attention_dim: int = 1280
+    """Width of the text encoder's hidden states (768 for SD 1.x, 1024 for SD 2.x)."""
+    transformer_layers_per_block: int = 1
+    use_linear_projection: bool = False
+    """SD 2.x projects into and out of the transformers with linear layers, SD 1.x with 1x1 convs."""
+    upcast_attention: bool = False
+    """Accepted (SD 2.1 sets it) with no effect, as in diffusers' default attention processor:
+    the fused attention kernels accumulate in float32 anyway (see ``layers.Attention``)."""
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0
+    sample_size: int | tuple[int, int] | None = None
+    """The latent side the model was trained at (64 for SD 1.x at 512 px); informative only."""
+
+    def __post_init__(self) -> None:
+        blocks = len(self.block_out_channels)
+        for key in ("down_block_types", "up_block_types", "num_attention_heads"):
+            if len(getattr(self, key)) != blocks:
+                raise InvalidArgumentError(
+                    f"UNet config {key} has {len(getattr(self, key))} entries but block_out_channels has {blocks}"
+                )
+        for i, kind in enumerate(self.down_block_types):
+            if kind not in DOWN_BLOCK_TYPES:
+                raise _unsupported(f"down_block_types[{i}]", kind, " or ".join(DOWN_BLOCK_TYPES))
+        for i, kind in enumerate(self.up_block_types):
+            if kind not in UP_BLOCK_TYPES:
+                raise _unsupported(f"up_block_types[{i}]", kind, " or ".join(UP_BLOCK_TYPES))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
+        """Parse a diffusers UNet config, raising `UnsupportedModelError` for any setting
+        that would make the network differ from a Stable Diffusion 1.x/2.x UNet (SDXL's
+        ``addition_embed_type``, LCM's ``time_cond_proj_dim``, other block types, ...)."""
+        for key, supported in _FIXED_KEYS.items():
+            value = d.get(key, supported)
+            # diffusers also takes the flags per block, e.g. `only_cross_attention: [false, ...]`
+            per_block = isinstance(value, (list, tuple)) and isinstance(supported, bool)
+            if any(v != supported for v in (value if per_block else [value])):
+                raise _unsupported(key, value, repr(supported))
+        if d.get("norm_num_groups", 32) is None:
+            raise _unsupported("norm_num_groups", None, "GroupNorm before conv_out")
+        if isinstance(d.get("cross_attention_dim"), (list, tuple)):
+            raise _unsupported(
+                "cross_attention_dim", d["cross_attention_dim"], "one width for every block"
+            )
+
+        down = tuple(d.get("down_block_types", cls.down_block_types))
+        # The field named `attention_head_dim` in SD configs holds the number of heads: diffusers
+        # kept the misnomer for compatibility and reads it as `num_attention_heads` when that is unset.
+        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+        if heads is None:
+            raise _unsupported("attention_head_dim", None, "a number of heads")
+        heads = (heads,) * len(down) if isinstance(heads, int) else tuple(heads)
+        sample_size = d.get("sample_size")
+        return cls(
+            in_channels=int(d.get("in_channels", 4)),
+            out_channels=int(d.get("out_channels", 4)),
+            block_out_channels=tuple(
+                int(c) for c in d.get("block_out_channels", cls.block_out_channels)
+            ),
+            layers_per_block=_uniform_int(d, "layers_per_block", 2),
+            down_block_types=down,
+            up_block_types=tuple(d.get("up_block_types", cls.up_block_types)),
+            num_attention_heads=tuple(int(h) for h in heads),
+            cross_attention_dim=int(d.get("cross_attention_dim", 1280)),
+            transformer_layers_per_block=_uniform_int(d, "transformer_layers_per_block", 1),
+            use_linear_projection=bool(d.get("use_linear_projection", False)),
+            upcast_attention=bool(d.get("upcast_attention", False)),
+            norm_num_groups=int(d.get("norm_num_groups", 32)),
+            norm_eps=float(d.get("norm_eps", 1e-5)),
+            flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
+            freq_shift=float(d.get("freq_shift", 0)),
+            downsample_padding=int(d.get("downsample_padding", 1)),
+            mid_block_scale_factor=float(d.get("mid_block_scale_factor", 1.0)),
+            dropout=float(d.get("dropout", 0.0)),
+            sample_size=tuple(sample_size)
+            if isinstance(sample_size, (list, tuple))
+            else sample_size,
+        )
+
+
+class UpBlock(nn.Module):
+    """ResNet blocks fed the matching skip connections (Ronneberger et al. 2015), each optionally
+    followed by attention, then an optional `Upsample`."""
+
+    def __init__(
+        self,
+        resnets: list[ResnetBlock],
+        attentions: list[SpatialTransformer],
+        upsample: Upsample | None,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)  # empty for UpBlock2D: no keys
+        self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
+
+    def forward(
+        self,
+        x: Tensor,
+        skips: list[Tensor],
+        temb: Tensor,
+        context: Tensor,
+        size: tuple[int, int] | None,
+    ) -> Tensor:
+        """``skips`` are this block's skip connections in the order the down path made them;
+        ``size`` is the resolution to upsample to (that of the next skip connection)."""
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
+            if len(self.attentions):
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            if size is None:
+                raise InvalidArgumentError("an upsampling block needs the size to upsample to")
+            x = self.upsamplers[0](x, size)
+        return x
+
+
+class UNet2DCondition(nn.Module):
+    """The text-conditioned UNet ``eps_theta(z_t, t, tau(y))`` of Rombach et al. 2022 (eq. 3).
+
+    Build it with ``UNet2DCondition(UNetConfig.from_dict(config_json))``; its ``state_dict()``
+    keys equal those of diffusers' ``UNet2DConditionModel`` for the same config.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        channels = config.block_out_channels
+        n = len(channels)
+        temb_dim = 4 * channels[0]
+
+        def resnet(c_in: int, c_out: int, scale: float = 1.0) -> ResnetBlock:
+            return ResnetBlock(
+                c_in,
+                c_out,
+                temb_channels=temb_dim,
+                groups=config.norm_num_groups,
+                eps=config.norm_eps,
+                dropout=config.dropout,
+                output_scale_factor=scale,
+            )
+
+        def transformer(c: int, heads: int) -> SpatialTransformer:
+            return SpatialTransformer(
+                c,
+                heads=heads,
+                head_dim=c // heads,
+                context_dim=config.cross_attention_dim,
+                depth=config.transformer_layers_per_block,
+                groups=config.norm_num_groups,
+                linear_projection=config.use_linear_projection,
+            )
+
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(config.down_block_types):
+            c_in, c_out = channels[max(i - 1, 0)], channels[i]
+            layers = range(config.layers_per_block)
+            self.down_blocks.append(
+                DownBlock(
+                    [resnet(c_in if j == 0 else c_out, c_out) for j in layers],
+                    [transformer(c_out, config.num_attention_heads[i]) for _ in layers]
+                    if kind == "CrossAttnDownBlock2D"
+                    else [],
+                    Downsample(c_out, padding=config.downsample_padding) if i < n - 1 else None,
+                )
+            )
+
+        c_mid, scale = channels[-1], config.mid_block_scale_factor
+        self.mid_block = MidBlock(
+            (resnet(c_mid, c_mid, scale), resnet(c_mid, c_mid, scale)),
+            transformer(c_mid, config.num_attention_heads[-1]),
+        )
+
+        # Each up block has one more ResNet than its down block: it also takes the output of the
+        # down block below's downsampler (or of conv_in, for the last block).
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = channels[::-1]
+        for i, kind in enumerate(config.up_block_types):
+            c_prev, c_out = reversed_channels[max(i - 1, 0)], reversed_channels[i]
+            c_skip_last = reversed_channels[min(i + 1, n - 1)]
+            layers = range(config.layers_per_block + 1)
+            last = config.layers_per_block
+            self.up_blocks.append(
+                UpBlock(
+                    [
+                        resnet(
+                            (c_prev if j == 0 else c_out) + (c_skip_last if j == last else c_out),
+                            c_out,
+                        )
+                        for j in layers
+                    ],
+                    [transformer(c_out, config.num_attention_heads[n - 1 - i]) for _ in layers]
+                    if kind == "CrossAttnUpBlock2D"
+                    else [],
+                    Upsample(c_out) if i < n - 1 else None,
+                )
+            )
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+    ) -> Tensor:
+        """Predict for ``sample`` (B, in_channels, h, w) at ``timestep`` (a number, or a 0-d or
+        (B,) tensor) given text ``encoder_hidden_states`` (B, tokens, cross_attention_dim)."""
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = (t[None] if t.ndim == 0 else t).expand(sample.shape[0])
+        # The sinusoids are float32 like the reference's; cast to the network's dtype after.
+        t_features = timestep_embedding(
+            t,
+            self.config.block_out_channels[0],
+            flip_sin_to_cos=self.config.flip_sin_to_cos,
+            freq_shift=self.config.freq_shift,
+        ).to(sample.dtype)
+        temb = self.time_embedding(t_features)
+        context = encoder_hidden_states
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for down in self.down_blocks:
+            x, outputs = down(x, temb, context)
+            skips.extend(outputs)
+
+        x = self.mid_block(x, temb, context)
+
+        per_block = self.config.layers_per_block + 1
+        for up in self.up_blocks:
+            mine, skips = skips[-per_block:], skips[:-per_block]
+            # Upsample to the next skip's size, not 2x, so odd latent sides round-trip exactly.
+            size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
+            x = up(x, mine, temb, context, size)
+
+        out: Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return out

@@ -1,0 +1,332 @@
+"""The Stable Diffusion pipeline: text → latents by guided denoising → pixels.
+
+Rombach et al. 2022: the denoiser runs in the autoencoder's latent space (sec. 3.2) and
+is steered by cross-attention to the text embeddings (sec. 3.3, eq. 3); classifier-free
+guidance (Ho & Salimans 2022, eq. 6) mixes conditional and unconditional predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from latentkit import schedulers
+from latentkit.conditioners.text import TextConditioner
+from latentkit.devices import resolve_device, resolve_dtype
+from latentkit.errors import InvalidArgumentError
+from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
+from latentkit.noise import randn
+from latentkit.protocols import SamplerStep, Scheduler
+from latentkit.results import (
+    OUTPUT_TYPES,
+    GenerationParameters,
+    GenerationResult,
+    OutputType,
+    to_output,
+)
+
+if TYPE_CHECKING:
+    from latentkit.models.autoencoder import AutoencoderKL
+    from latentkit.models.unet import UNet2DCondition
+
+Callback = Callable[[SamplerStep], Any]
+Seeds = int | Sequence[int] | None
+
+
+@dataclass(frozen=True)
+class StableDiffusion:
+    """A loaded Stable Diffusion 1.x/2.x model. Immutable: `with_scheduler` returns a
+    new pipeline sharing the same weights, so one pipeline serves several threads."""
+
+    unet: UNet2DCondition
+    vae: AutoencoderKL
+    text: TextConditioner
+    scheduler: Scheduler
+    scheduler_config: dict[str, Any]
+    """The model's own ``scheduler_config.json``; swapping schedulers carries its fields over."""
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+    @classmethod
+    def from_files(
+        cls,
+        files: ModelFiles,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        progress: bool = True,
+    ) -> StableDiffusion:
+        """Build the pipeline from resolved model files (see `latentkit.load_pipeline`)."""
+        from tqdm.auto import tqdm
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from latentkit.models.autoencoder import (
+            AutoencoderKL,
+            AutoencoderKLConfig,
+            rename_legacy_key,
+        )
+        from latentkit.models.unet import UNet2DCondition, UNetConfig
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        scheduler_config = files.config("scheduler")
+        scheduler = schedulers.from_config(scheduler_config)
+        unet_config = UNetConfig.from_dict(files.config("unet"))
+        vae_config = AutoencoderKLConfig.from_dict(files.config("vae"))
+        files.config("text_encoder")  # fail early, before any weights are read
+
+        bar = tqdm(total=4, desc=f"loading {files.name}", disable=not progress, leave=False)
+        with bar, progress_bars(progress):
+            with torch.device("meta"):
+                # Built on the meta device: no memory, no random init; the weights are assigned.
+                unet = UNet2DCondition(unet_config)
+                vae = AutoencoderKL(vae_config)
+            load_into(
+                unet, read_state_dict(files.weights["unet"], device=dev, dtype=dt), name="unet"
+            )
+            bar.update()
+            renamed = read_state_dict(
+                files.weights["vae"], device=dev, dtype=dt, rename=rename_legacy_key
+            )
+            load_into(vae, renamed, name="vae")
+            bar.update()
+            # transformers reads the text encoder; we tell it exactly which file we chose.
+            text_weights = files.weights["text_encoder"]
+            v = files.variant
+            text_encoder = CLIPTextModel.from_pretrained(
+                str(files.root / "text_encoder"),
+                dtype=dt,
+                variant=v if v and any(f".{v}." in p.name for p in text_weights) else None,
+                use_safetensors=any(p.suffix == ".safetensors" for p in text_weights),
+                weights_only=True,
+                local_files_only=True,
+            ).to(dev)
+            text_encoder.eval().requires_grad_(False)
+            bar.update()
+            tokenizer = CLIPTokenizer.from_pretrained(
+                str(files.root / "tokenizer"), local_files_only=True
+            )
+            bar.update()
+        return cls(
+            unet=unet,
+            vae=vae,
+            text=TextConditioner(tokenizer=tokenizer, text_encoder=text_encoder),
+            scheduler=scheduler,
+            scheduler_config=scheduler_config,
+            device=dev,
+            dtype=dt,
+            name=files.name,
+        )
+
+    def with_scheduler(self, scheduler: str | Scheduler, /, **options: Any) -> StableDiffusion:
+        """This pipeline with another scheduler (a name, an alias or a scheduler object).
+
+        A name carries over the fields of the model's own scheduler config, as diffusers'
+        ``from_config`` does, so the swap gives the same images in both libraries.
+        """
+        return dataclasses.replace(self, scheduler=self.resolve_scheduler(scheduler, **options))
+
+    def resolve_scheduler(self, scheduler: str | Scheduler | None, /, **options: Any) -> Scheduler:
+        if scheduler is None:
+            if options:
+                return schedulers.create(
+                    self.scheduler.name, config=self.scheduler.to_config(), **options
+                )
+            return self.scheduler
+        if isinstance(scheduler, str):
+            return schedulers.create(scheduler, config=self.scheduler_config, **options)
+        if not isinstance(scheduler, Scheduler):
+            raise InvalidArgumentError(
+                f"scheduler must be a name or a Scheduler object, not {type(scheduler).__name__}"
+            )
+        if options:
+            raise InvalidArgumentError("scheduler options go with a scheduler name, not an object")
+        return scheduler
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels the UNet was trained at (``sample_size`` latents)."""
+        size = self.unet.config.sample_size or 64  # Stable Diffusion 1.x: 64 latents, 512 px
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae.scale_factor, w * self.vae.scale_factor
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        scheduler: str | Scheduler | None = None,
+        seed: Seeds = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 1,
+        output_type: OutputType = "pil",
+        callback: Callback | None = None,
+        progress: bool = True,
+    ) -> GenerationResult:
+        """Generate images for ``prompt``; see `latentkit.generate` for the keywords."""
+        prompts = _as_prompts(prompt, "prompt")
+        negatives = _as_prompts(
+            "" if negative_prompt is None else negative_prompt, "negative_prompt"
+        )
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise InvalidArgumentError(
+                f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one each"
+            )
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
+        _check_generate_args(
+            steps=steps,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            height=height,
+            width=width,
+            factor=self.vae.scale_factor,
+            num_images=num_images,
+            output_type=output_type,
+            callback=callback,
+        )
+        batch = len(prompts) * num_images
+        seeds = _seeds(seed, batch)
+        sched = self.resolve_scheduler(scheduler)
+
+        # The text embeddings: each prompt repeated num_images times, negatives first for CFG.
+        guided = guidance_scale > 1.0
+        context = self.text.encode(prompts, device=self.device, dtype=self.dtype)
+        context = context.repeat_interleave(num_images, dim=0)
+        if guided:
+            uncond = self.text.encode(negatives, device=self.device, dtype=self.dtype)
+            context = torch.cat([uncond.repeat_interleave(num_images, dim=0), context])
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not guided:
+                return self.unet(x, t, context)  # type: ignore[no-any-return]
+            out_uncond, out_text = self.unet(torch.cat([x, x]), t, context).chunk(2)
+            # Classifier-free guidance, Ho & Salimans 2022 eq. 6.
+            out = out_uncond + guidance_scale * (out_text - out_uncond)
+            return (
+                rescale_guidance(out, out_text, guidance_rescale) if guidance_rescale > 0 else out
+            )
+
+        generators: list[torch.Generator] | torch.Generator
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if seed is None or isinstance(seed, int):
+            generators = generators[0]  # one generator for the batch, as diffusers draws it
+        shape = (
+            batch,
+            self.vae.latent_channels,
+            height // self.vae.scale_factor,
+            width // self.vae.scale_factor,
+        )
+        noise = randn(shape, generator=generators, device=self.device, dtype=self.dtype)
+
+        from tqdm.auto import tqdm
+
+        total = len(sched.timesteps(steps))
+        latents = noise
+        with tqdm(total=total, disable=not progress, desc="denoising", leave=False) as bar:
+            for step in sched.sample(model, noise, steps=steps, generator=generators):
+                latents = step.sample
+                bar.update(1)
+                if callback is not None:
+                    callback(step)
+
+        if output_type == "latent":
+            images: list[Any] = list(latents)
+        else:
+            images = to_output(self.vae.decode(latents), output_type)
+        params = [
+            GenerationParameters(
+                prompt=prompts[i // num_images],
+                negative_prompt=negatives[i // num_images],
+                steps=steps,
+                scheduler=sched.name,
+                guidance_scale=guidance_scale,
+                seed=seeds[i],
+                width=width,
+                height=height,
+                model=self.name,
+            )
+            for i in range(batch)
+        ]
+        return GenerationResult(images=images, parameters=params)
+
+
+def rescale_guidance(out: torch.Tensor, out_text: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale, Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps
+    are Flawed") eqs. 15-16: match the guided output's std to the text-conditioned one's."""
+    dims = list(range(1, out.ndim))
+    rescaled = out * (out_text.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * out
+
+
+def _as_prompts(value: str | Sequence[str], what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    items = list(value)
+    if not items or not all(isinstance(p, str) for p in items):
+        raise InvalidArgumentError(f"{what} must be a string or a non-empty list of strings")
+    return items
+
+
+def _seeds(seed: Seeds, batch: int) -> list[int]:
+    """One seed per image. One int seeds one generator for the whole batch (its first image
+    keeps the seed); ``None`` draws a fresh seed so the result can still be reproduced."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return [seed] * batch
+    seeds = list(seed) if isinstance(seed, Sequence) else []
+    if len(seeds) != batch or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in seeds
+    ):
+        raise InvalidArgumentError(
+            f"seed must be an int, None, or a list of {batch} ints (one per image); got {seed!r}"
+        )
+    return seeds
+
+
+def _check_generate_args(
+    *,
+    steps: int,
+    guidance_scale: float,
+    guidance_rescale: float,
+    height: int,
+    width: int,
+    factor: int,
+    num_images: int,
+    output_type: str,
+    callback: Callback | None,
+) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InvalidArgumentError(f"steps must be an int ≥ 1, got {steps!r}")
+    for label, size in (("height", height), ("width", width)):
+        if not isinstance(size, int) or size <= 0 or size % factor:
+            raise InvalidArgumentError(
+                f"{label} must be a positive multiple of {factor} (the autoencoder's downsampling "
+                f"factor), got {size!r}; try {max(factor, size // factor * factor) if isinstance(size, int) else 512}"
+            )
+    if not isinstance(num_images, int) or num_images < 1:
+        raise InvalidArgumentError(f"num_images must be an int ≥ 1, got {num_images!r}")
+    if guidance_scale < 0:
+        raise InvalidArgumentError(f"guidance_scale must be ≥ 0, got {guidance_scale}")
+    if not 0 <= guidance_rescale <= 1:
+        raise InvalidArgumentError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidArgumentError(
+            f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
+        )
+    if callback is not None and not callable(callback):
+        raise InvalidArgumentError("callback must be callable")

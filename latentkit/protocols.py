@@ -1,0 +1,125 @@
+"""The typed contracts latentkit is built on.
+
+A `Pipeline` turns a prompt into images. It owns a `Conditioner` per input
+(text, depth, mask), a denoising network, a `Scheduler` that samples from it, and an
+`Autoencoder` that maps between pixels and latents (Rombach et al. 2022, sec. 3).
+Anything with these methods and attributes plugs in; nothing needs to inherit from latentkit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from latentkit.results import GenerationResult
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+"""What the network predicts: the noise, the velocity ``v`` (Salimans & Ho 2022, sec. 4) or ``x0``."""
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the batch, one per image (drawn per image, as diffusers does), or none."""
+
+ConditionTarget = Literal["cross_attention", "concat", "vector"]
+"""Where a conditioner's output enters the network: as cross-attention context, as extra
+input channels concatenated to the latents, or as a vector added to the time embedding."""
+
+InputT_contra = TypeVar("InputT_contra", contravariant=True)
+
+
+class Denoiser(Protocol):
+    """The contract a scheduler samples against.
+
+    ``model(x, t)`` returns the network output (of the scheduler's ``prediction_type``)
+    for the already scaled model input ``x`` at model timestep ``t`` (a 0-d tensor), with
+    classifier-free guidance applied. A scheduler never sees prompts, guidance or weights.
+    """
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, /) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    """What a sampling loop yields after each network evaluation."""
+
+    index: int
+    """0-based position in the loop."""
+    total: int
+    """Number of network evaluations the loop makes (``len(scheduler.timesteps(steps))``)."""
+    timestep: torch.Tensor
+    """The model timestep just evaluated."""
+    sample: torch.Tensor
+    """The latents after this step; the final step's sample is the result."""
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """An immutable description of a sampler; per-call state lives in `sample`'s loop.
+
+    Because a scheduler holds no per-call state, one object can serve many threads at once.
+    """
+
+    name: ClassVar[str]
+    prediction_type: PredictionType
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        """The model timesteps evaluated for ``steps`` inference steps, in sampling order."""
+        ...
+
+    def sample(
+        self,
+        model: Denoiser,
+        noise: torch.Tensor,
+        *,
+        steps: int,
+        generator: Generators = None,
+    ) -> Iterator[SamplerStep]:
+        """Sample from unit Gaussian ``noise``, yielding after every network evaluation."""
+        ...
+
+    def to_config(self) -> dict[str, Any]:
+        """The diffusers-style config (``_class_name`` plus fields) that recreates this scheduler."""
+        ...
+
+
+@runtime_checkable
+class Conditioner(Protocol[InputT_contra]):
+    """Turns one kind of input (a prompt, a depth map, a mask) into tensors for the denoiser."""
+
+    name: ClassVar[str]
+    target: ClassVar[ConditionTarget]
+
+    def encode(
+        self, value: InputT_contra, *, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Encode a batch of inputs; the result's first dimension is the batch."""
+        ...
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+    """Maps images in ``[-1, 1]`` to the latent space the denoiser works in, and back."""
+
+    scale_factor: int
+    """Pixels per latent along each side (8 for Stable Diffusion)."""
+    latent_channels: int
+
+    def encode(self, images: torch.Tensor, *, generator: Generators = None) -> torch.Tensor:
+        """Latents for ``images`` (B, 3, H, W), already multiplied by the model's scaling factor."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in ``[-1, 1]`` for scaled ``latents`` (the inverse of `encode`)."""
+        ...
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    """Anything that generates images from a prompt with the keywords of `latentkit.generate`."""
+
+    def generate(self, prompt: str | Sequence[str], **options: Any) -> GenerationResult:
+        """Generate images; see `latentkit.generate` for the keywords."""
+        ...

@@ -1,0 +1,88 @@
+"""Schedulers by name: ``names()``, ``create(name, **options)`` and diffusers-config loading.
+
+A scheduler is an immutable description (a frozen dataclass of its options); the state of
+one sampling run lives in the local variables of its `latentkit.Scheduler.sample`
+loop, so a scheduler object is safe to share between threads.
+
+Third-party schedulers register with `register` or through the
+``latentkit.schedulers`` entry-point group (see `latentkit.registry`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from latentkit.errors import UnknownNameError
+from latentkit.protocols import Scheduler
+from latentkit.registry import Registry
+
+registry: Registry[type[Scheduler]] = Registry("scheduler", "latentkit.schedulers")
+
+S = TypeVar("S", bound=type[Scheduler])
+
+
+def register(name: str, *, replace: bool = False) -> Callable[[S], S]:
+    """Class decorator registering a scheduler under ``name``."""
+    return registry.register(name, replace=replace)  # type: ignore[return-value]
+
+
+def names() -> list[str]:
+    """Every registered scheduler name, sorted."""
+    return registry.names()
+
+
+def options(name: str) -> list[str]:
+    """The option names the scheduler ``name`` accepts."""
+    return sorted(_accepted(registry[name]))
+
+
+def create(name: str, /, *, config: Mapping[str, Any] | None = None, **opts: Any) -> Scheduler:
+    """Create the scheduler registered as ``name`` (or an alias of it).
+
+    ``config`` is another scheduler's diffusers-style config (a model's
+    ``scheduler_config.json``): every field of it that this scheduler also has is carried
+    over, the rest take this scheduler's defaults, as diffusers' ``from_config`` does.
+    Explicit ``opts`` win over both. Unknown options raise an error listing the valid ones.
+    """
+    key, preset = registry.resolve(name)
+    cls = registry[key]
+    accepted = _accepted(cls)
+    for option in opts:
+        if option not in accepted:
+            raise UnknownNameError(f"{key} option", option, accepted)
+    carried = {k: v for k, v in (config or {}).items() if k in accepted and not k.startswith("_")}
+    carried = _without_defaults_used(config or {}, carried)
+    return cls(**{**carried, **preset, **opts})
+
+
+def from_config(config: Mapping[str, Any]) -> Scheduler:
+    """The scheduler a diffusers ``scheduler_config.json`` describes (by its ``_class_name``)."""
+    class_name = config.get("_class_name")
+    for key in registry.names():
+        if class_name in getattr(registry[key], "diffusers_names", ()):
+            return create(key, config=config)
+    known = sorted(n for k in registry.names() for n in getattr(registry[k], "diffusers_names", ()))
+    raise UnknownNameError("scheduler class", str(class_name), known)
+
+
+def _accepted(cls: type[Scheduler]) -> set[str]:
+    return {
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def _without_defaults_used(config: Mapping[str, Any], carried: dict[str, Any]) -> dict[str, Any]:
+    # diffusers records the fields a saved scheduler took from its own defaults in
+    # ``_use_default_values``; those are not carried to another scheduler.
+    used_defaults = set(config.get("_use_default_values", ()))
+    return {k: v for k, v in carried.items() if k not in used_defaults}
+
+
+# The built-in registrations.
+from latentkit.schedulers import ddim, dpm_solver, euler, pndm  # noqa: E402, F401
+
+__all__ = ["create", "from_config", "names", "options", "register", "registry"]

@@ -1,0 +1,480 @@
+"""The pieces every discrete-time scheduler shares, each written once.
+
+Noise schedules (betas and their cumulative products), timestep spacing, sigma tables,
+prediction-type conversions, dynamic thresholding, and `DiscreteScheduler`, the
+immutable base holding the options every scheduler trained on ``num_train_timesteps``
+discrete steps has. Table arithmetic follows diffusers' dtypes step by step (float32 tables,
+float64 numpy interpolation), because matching it bit for bit is what makes the samplers exact.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import math
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from latentkit.errors import InvalidArgumentError
+from latentkit.protocols import Denoiser, Generators, PredictionType, SamplerStep
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+"""How betas rise over training: linearly, linearly in sqrt (Stable Diffusion), or cosine."""
+
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+"""How inference timesteps are picked from the training ones (Lin et al. 2024, Table 2)."""
+
+FinalSigmas = Literal["zero", "sigma_min"]
+"""Where the last step of a sigma-based sampler lands: on clean data, or on the smallest trained sigma."""
+
+Scalar = torch.Tensor | float
+
+
+# --------------------------------------------------------------------------- noise schedules
+
+
+def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), capped at ``max_beta``."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def make_betas(
+    schedule: BetaSchedule, num_train_timesteps: int, beta_start: float, beta_end: float
+) -> torch.Tensor:
+    """The float32 betas of a named schedule."""
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if schedule == "scaled_linear":
+        # Linear in sqrt(beta): the schedule of latent diffusion and Stable Diffusion.
+        root = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32)
+        return root**2
+    if schedule == "squaredcos_cap_v2":
+        return cosine_betas(num_train_timesteps)
+    raise _invalid("beta_schedule", schedule, typing.get_args(BetaSchedule))
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last step has zero signal-to-noise ratio (Lin et al. 2024, Algorithm 1).
+
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first is unchanged.
+    """
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alphas_bar = root**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+@functools.lru_cache(maxsize=64)
+def _alphas_cumprod(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: BetaSchedule,
+    trained_betas: tuple[float, ...] | None,
+    zero_terminal_snr: bool,
+) -> torch.Tensor:
+    # Cached per schedule (lru_cache is thread-safe); callers must never modify the result.
+    if trained_betas is not None:
+        betas = torch.tensor(trained_betas, dtype=torch.float32)
+    else:
+        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# --------------------------------------------------------------------------- timesteps and sigmas
+
+
+def spaced_timesteps(
+    spacing: TimestepSpacing,
+    count: int,
+    *,
+    num_train_timesteps: int,
+    steps_offset: int = 0,
+    end: int | None = None,
+) -> np.ndarray:
+    """``count`` training timesteps in sampling (descending) order, as float64.
+
+    ``linspace`` spreads them evenly over ``[0, end - 1]`` (not rounded: callers round or
+    not as their family does); ``leading`` takes multiples of ``end // count`` from 0, plus
+    ``steps_offset``; ``trailing`` steps down by ``num_train_timesteps / count`` from ``end``
+    and subtracts 1 (Lin et al. 2024, Table 2). ``end`` defaults to ``num_train_timesteps``.
+    """
+    end = num_train_timesteps if end is None else end
+    if spacing == "linspace":
+        return np.linspace(0, end - 1, count)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(count) * (end // count) + steps_offset)[::-1].astype(np.float64)
+    if spacing == "trailing":
+        return np.round(np.arange(end, 0, -num_train_timesteps / count)) - 1
+    raise _invalid("timestep_spacing", spacing, typing.get_args(TimestepSpacing))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, count: int, rho: float = 7.0) -> np.ndarray:
+    """``count`` sigmas from ``sigma_max`` down to ``sigma_min`` (Karras et al. 2022, eq. 5)."""
+    ramp = np.linspace(0, 1, count)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, count: int) -> np.ndarray:
+    """``count`` sigmas from ``sigma_max`` down to ``sigma_min``, evenly spaced in log sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), count))
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of ``sigmas``, by linear interpolation in log sigma.
+
+    ``log_sigmas`` is the ascending table ``log(sigma(t))`` for ``t = 0 .. N-1``; values
+    outside it clamp to its ends.
+    """
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    above = log_sigma[np.newaxis, :] - log_sigmas[:, np.newaxis] >= 0
+    low = np.cumsum(above, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def vp_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha_t, sigma_t)`` of the variance-preserving process whose ``sigma_t / alpha_t`` is ``sigma``."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+# --------------------------------------------------------------------------- model outputs
+
+
+def predicted_x0(
+    prediction_type: PredictionType,
+    output: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    alpha: Scalar,
+    sigma: Scalar,
+) -> torch.Tensor:
+    """The clean sample the network predicts at ``x = alpha * x0 + sigma * eps``, ``alpha**2 + sigma**2 = 1``.
+
+    ``v = alpha * eps - sigma * x0`` (Salimans & Ho 2022, sec. 4), so ``x0 = alpha * x - sigma * v``.
+    """
+    if prediction_type == "epsilon":
+        return (x - sigma * output) / alpha
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * output
+    raise _invalid("prediction_type", prediction_type, typing.get_args(PredictionType))
+
+
+def predicted_eps(
+    prediction_type: PredictionType,
+    output: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    alpha: Scalar,
+    sigma: Scalar,
+) -> torch.Tensor:
+    """The noise the network predicts at ``x = alpha * x0 + sigma * eps``, ``alpha**2 + sigma**2 = 1``.
+
+    For ``v``: ``eps = alpha * v + sigma * x`` (Salimans & Ho 2022, sec. 4).
+    """
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "sample":
+        return (x - alpha * output) / sigma
+    if prediction_type == "v_prediction":
+        return alpha * output + sigma * x
+    raise _invalid("prediction_type", prediction_type, typing.get_args(PredictionType))
+
+
+def predicted_x0_ve(
+    prediction_type: PredictionType, output: torch.Tensor, x: torch.Tensor, *, sigma: torch.Tensor
+) -> torch.Tensor:
+    """The clean sample the network predicts at the variance-exploding ``x = x0 + sigma * eps``.
+
+    The network saw ``x / sqrt(sigma**2 + 1)``, the variance-preserving sample with
+    ``alpha = 1 / sqrt(sigma**2 + 1)``; for ``v`` that gives
+    ``x0 = x / (sigma**2 + 1) - sigma / sqrt(sigma**2 + 1) * v``.
+    """
+    if prediction_type == "epsilon":
+        return x - sigma * output
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "v_prediction":
+        # Tensor on the left: on CPU a 0-d float32 right operand keeps full precision with
+        # float16 tensors, a left one does not; this order reproduces diffusers bit for bit.
+        return x / (sigma**2 + 1) - output * (sigma / (sigma**2 + 1) ** 0.5)
+    raise _invalid("prediction_type", prediction_type, typing.get_args(PredictionType))
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, sec. 2.3).
+
+    Per image, ``s`` is the ``ratio`` quantile of ``|x0|`` clamped to ``[1, max_value]``;
+    ``x0`` is clipped to ``[-s, s]`` and divided by ``s``. Computed in float32 at least
+    (``quantile`` needs it), returned in ``x0``'s dtype.
+    """
+    flat = x0.reshape(x0.shape[0], -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscreteScheduler(abc.ABC):
+    """Options shared by every scheduler of a model trained on discrete timesteps.
+
+    Instances are immutable and hold no per-run state, so one can serve many threads.
+    Derived tables (``alphas_cumprod``) are computed on first use and cached per schedule.
+    Subclasses set ``name``, ``diffusers_names`` and implement `timesteps` and
+    `_sample`.
+    """
+
+    name: ClassVar[str]
+    diffusers_names: ClassVar[tuple[str, ...]]
+    """diffusers class names this scheduler reproduces; the first is written by `to_config`."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: BetaSchedule = "linear"
+    trained_betas: Sequence[float] | None = None
+    """Explicit betas, one per training step; override ``beta_schedule`` when given."""
+    prediction_type: PredictionType = "epsilon"
+    timestep_spacing: TimestepSpacing = "leading"
+    steps_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trained_betas is not None:
+            # A tuple keeps the object hashable (the table cache is keyed on it).
+            betas = tuple(float(b) for b in self.trained_betas)
+            object.__setattr__(self, "trained_betas", betas)
+            if len(betas) != self.num_train_timesteps:
+                raise InvalidArgumentError(
+                    f"{self.name}: trained_betas has {len(betas)} values but "
+                    f"num_train_timesteps is {self.num_train_timesteps}; give one beta per step"
+                )
+        if self.num_train_timesteps < 2:
+            raise InvalidArgumentError(f"{self.name}: num_train_timesteps must be at least 2")
+        if self.steps_offset < 0:
+            raise InvalidArgumentError(f"{self.name}: steps_offset must be >= 0")
+        for field, valid in _choices(type(self)).items():
+            if getattr(self, field) not in valid:
+                raise _invalid(field, getattr(self, field), valid, scheduler=self.name)
+
+    # ---- the Scheduler protocol
+
+    @abc.abstractmethod
+    def timesteps(self, steps: int) -> torch.Tensor:
+        """The model timesteps evaluated for ``steps`` inference steps, in sampling order."""
+
+    def sample(
+        self,
+        model: Denoiser,
+        noise: torch.Tensor,
+        *,
+        steps: int,
+        generator: Generators = None,
+    ) -> Iterator[SamplerStep]:
+        """Sample from unit Gaussian ``noise``, yielding after every network evaluation.
+
+        Arguments are checked here, before the first ``next()``.
+        """
+        self._check_steps(steps)
+        return self._sample(model, noise, steps, generator)
+
+    def to_config(self) -> dict[str, Any]:
+        """The diffusers-style config (``_class_name`` plus every option) that recreates this scheduler."""
+        config: dict[str, Any] = {"_class_name": self.diffusers_names[0]}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            config[f.name] = list(value) if isinstance(value, tuple) else value
+        return config
+
+    # ---- training helpers
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """``alpha_bar_t = prod_{s<=t} (1 - beta_s)`` for every training step (float32, a copy)."""
+        return self._alphas_cumprod().clone()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Sample of the forward process q(x_t | x_0) (Ho et al. 2020, eq. 4), one ``t`` per batch item."""
+        alpha, sigma = self._vp_at(t, x0)
+        return alpha * x0 + sigma * noise
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network should output for ``add_noise(x0, noise, t)``, per ``prediction_type``.
+
+        ``epsilon``: the noise; ``sample``: ``x0``; ``v_prediction``:
+        ``v = alpha_t * eps - sigma_t * x0`` (Salimans & Ho 2022, sec. 4).
+        """
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        alpha, sigma = self._vp_at(t, x0)
+        return alpha * noise - sigma * x0
+
+    # ---- for subclasses
+
+    @abc.abstractmethod
+    def _sample(
+        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
+    ) -> Iterator[SamplerStep]:
+        """The sampling loop, for an already checked ``steps``."""
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        # The shared cached table: read it, never write to it.
+        return _alphas_cumprod(
+            self.num_train_timesteps,
+            self.beta_start,
+            self.beta_end,
+            self.beta_schedule,
+            None if self.trained_betas is None else tuple(self.trained_betas),
+            # Not every scheduler has this option (PNDM does not), hence getattr.
+            bool(getattr(self, "rescale_betas_zero_snr", False)),
+        )
+
+    def _check_steps(self, steps: int) -> None:
+        if not isinstance(steps, int) or isinstance(steps, bool):
+            raise InvalidArgumentError(f"steps must be an int, got {type(steps).__name__}")
+        if not 1 <= steps <= self.num_train_timesteps:
+            raise InvalidArgumentError(
+                f"{self.name}: steps must be between 1 and num_train_timesteps "
+                f"({self.num_train_timesteps}), got {steps}"
+            )
+
+    def _within_training_range(self, timesteps: np.ndarray) -> np.ndarray:
+        # Leading spacing with a steps_offset reaches timestep N at N steps; diffusers then
+        # indexes past its tables (DDIM, PNDM) or asks the network about an untrained
+        # timestep (Euler, DPM-Solver). We refuse instead.
+        if timesteps.size and timesteps.max() >= self.num_train_timesteps:
+            raise InvalidArgumentError(
+                f"{self.name}: {self.timestep_spacing} spacing with steps_offset={self.steps_offset} "
+                f"gives timestep {timesteps.max():g}, past the last training step "
+                f"{self.num_train_timesteps - 1}; use fewer steps or another timestep_spacing"
+            )
+        return timesteps
+
+    def _vp_at(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over a batch.
+        # The table is cast to the sample dtype before the sqrt, as diffusers' add_noise does.
+        table = self._alphas_cumprod().to(device=like.device, dtype=like.dtype)
+        alpha_bar = table[t.to(like.device)].flatten()
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return (alpha_bar**0.5).reshape(shape), ((1 - alpha_bar) ** 0.5).reshape(shape)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigmaScheduler(DiscreteScheduler):
+    """Base of the schedulers that step through a table of noise levels ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``.
+
+    The table is resampled at the spaced timesteps, or replaced by Karras (Karras et al. 2022,
+    eq. 5) or log-uniform sigmas between its ends, and closed by a final sigma.
+    """
+
+    timestep_spacing: TimestepSpacing = "linspace"
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    """Beta-distributed sigmas (Lee et al. 2024); not implemented, accepted only as ``False``."""
+    final_sigmas_type: FinalSigmas = "zero"
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_karras_sigmas + self.use_exponential_sigmas + self.use_beta_sigmas > 1:
+            raise InvalidArgumentError(
+                f"{self.name}: use at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas"
+            )
+        if self.use_beta_sigmas:
+            raise InvalidArgumentError(f"{self.name}: use_beta_sigmas is not implemented")
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The float32 noise levels of ``steps`` inference steps, plus the final one."""
+        self._check_steps(steps)
+        return self._schedule(steps)[1]
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        self._check_steps(steps)
+        return self._schedule(steps)[0]
+
+    @abc.abstractmethod
+    def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps, sigmas)`` for an already checked ``steps``; sigmas has one more entry."""
+
+    def _sigma_table(self) -> np.ndarray:
+        # sigma(t) for t = 0 .. N-1 (ascending), float32 as diffusers computes it.
+        alphas_cumprod = self._alphas_cumprod()
+        if self.rescale_betas_zero_snr:
+            # Zero terminal SNR makes the last sigma infinite; keep it finite but huge.
+            alphas_cumprod = alphas_cumprod.clone()
+            alphas_cumprod[-1] = 2**-24
+        return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+
+    def _respaced(self, sigma_min: float, sigma_max: float, count: int) -> np.ndarray | None:
+        # Karras or exponential sigmas between the given ends, or None to keep the table's.
+        if self.use_karras_sigmas:
+            return karras_sigmas(sigma_min, sigma_max, count)
+        if self.use_exponential_sigmas:
+            return exponential_sigmas(sigma_min, sigma_max, count)
+        return None
+
+    def _with_final_sigma(self, sigmas: np.ndarray, table: np.ndarray) -> torch.Tensor:
+        # Append the last noise level and round to float32.
+        final = table[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        return torch.from_numpy(np.append(sigmas, final).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple[object, ...]]:
+    # Allowed values of every Literal-typed option of ``cls``, read from its annotations.
+    choices: dict[str, tuple[object, ...]] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        values: list[object] = []
+        for part in typing.get_args(hint) if _is_union(hint) else (hint,):
+            if typing.get_origin(part) is Literal:
+                values.extend(typing.get_args(part))
+            elif part is type(None):
+                values.append(None)
+            else:  # a free-valued type (float | None): not a choice
+                values = []
+                break
+        if values and name in {f.name for f in dataclasses.fields(cls)}:
+            choices[name] = tuple(values)
+    return choices
+
+
+def _is_union(hint: object) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _invalid(
+    field: str, value: object, valid: Sequence[object], *, scheduler: str | None = None
+) -> InvalidArgumentError:
+    where = f"{scheduler}: " if scheduler else ""
+    listed = ", ".join(repr(v) for v in valid)
+    return InvalidArgumentError(f"{where}{field}={value!r} is not valid; choose one of {listed}")

@@ -1,0 +1,88 @@
+"""Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, Algorithm 2 without churn).
+
+The Stable Diffusion 2 and SDXL default (diffusers' ``EulerDiscreteScheduler``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.schedulers import register
+from latentkit.schedulers.common import SigmaScheduler, predicted_x0_ve, sigma_to_t, spaced_timesteps
+
+
+@register("euler")
+@dataclass(frozen=True, kw_only=True)
+class Euler(SigmaScheduler):
+    """Euler sampler over sigmas; ``x`` lives at scale ``x0 + sigma * eps``.
+
+    The network sees ``x / sqrt(sigma**2 + 1)``, the variance-preserving sample it was
+    trained on. Timesteps are fractional for ``linspace`` spacing and Karras sigmas.
+    """
+
+    name: ClassVar[str] = "euler"
+    diffusers_names: ClassVar[tuple[str, ...]] = ("EulerDiscreteScheduler",)
+
+    interpolation_type: Literal["linear"] = "linear"
+    """How sigmas are read off the table between training steps (diffusers' ``log_linear`` is not implemented)."""
+    sigma_min: float | None = None
+    """Lower end of Karras/exponential sigmas; default: the table's value at the last timestep."""
+    sigma_max: float | None = None
+    """Upper end of Karras/exponential sigmas; default: the table's value at the first timestep."""
+    timestep_type: Literal["discrete", "continuous"] = "discrete"
+    """``continuous`` (with ``v_prediction``): the network takes ``0.25 * log(sigma)`` as its timestep."""
+
+    def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        timesteps = spaced_timesteps(
+            self.timestep_spacing,
+            steps,
+            num_train_timesteps=self.num_train_timesteps,
+            steps_offset=self.steps_offset,
+        ).astype(np.float32)
+        table = self._sigma_table()
+        sigmas = np.interp(timesteps, np.arange(len(table)), table)
+        respaced = self._respaced(
+            sigmas[-1] if self.sigma_min is None else self.sigma_min,
+            sigmas[0] if self.sigma_max is None else self.sigma_max,
+            steps,
+        )
+        if respaced is not None:
+            sigmas = respaced
+            timesteps = sigma_to_t(sigmas, np.log(table)).astype(np.float32)
+        all_sigmas = self._with_final_sigma(sigmas, table)
+        if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
+            # One 0-d log at a time, as diffusers does (vectorised log may differ in the last bit).
+            return torch.stack([0.25 * s.log() for s in all_sigmas[:-1]]), all_sigmas
+        return torch.from_numpy(self._within_training_range(timesteps)), all_sigmas
+
+    def init_noise_sigma(self, steps: int) -> torch.Tensor:
+        """The standard deviation of the starting sample for ``steps`` steps."""
+        self._check_steps(steps)
+        return self._init_noise_sigma(self._schedule(steps)[1])
+
+    def _init_noise_sigma(self, sigmas: torch.Tensor) -> torch.Tensor:
+        # The largest sigma; with leading spacing diffusers uses sqrt(sigma_max**2 + 1), the
+        # standard deviation of x0 + sigma * eps for unit-variance data, and so do we.
+        top = sigmas.max()
+        return top if self.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+
+    def _sample(
+        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
+    ) -> Iterator[SamplerStep]:
+        timesteps, sigmas = self._schedule(steps)
+        model_timesteps = timesteps.to(noise.device)
+        x = noise * self._init_noise_sigma(sigmas)
+        for i, sigma in enumerate(sigmas[:-1]):
+            output = model(x / ((sigma**2 + 1) ** 0.5), model_timesteps[i])
+            # The step is taken in float32 whatever the sample dtype, as diffusers does.
+            x32 = x.float()
+            x0 = predicted_x0_ve(self.prediction_type, output, x32, sigma=sigma)
+            derivative = (x32 - x0) / sigma  # dx/dsigma (Karras et al. 2022, Alg. 1, line 4)
+            x = (x32 + derivative * (sigmas[i + 1] - sigma)).to(noise.dtype)
+            yield SamplerStep(i, len(timesteps), model_timesteps[i], x)

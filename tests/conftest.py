@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def sd1_path(models_root: Path) -> Path:
+    return tiny_models.save_pipeline("sd1", models_root)
+
+
+@pytest.fixture(scope="session")
+def sd2_path(models_root: Path) -> Path:
+    return tiny_models.save_pipeline("sd2", models_root)

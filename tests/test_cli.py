@@ -1,0 +1,118 @@
+"""The command line: generate with A1111 metadata, list schedulers, never overwrite silently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from latentkit.cli import main
+
+
+def test_generate_writes_png_with_parameters(
+    sd1_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cat.png"
+    args = [
+        "generate",
+        "a red cat",
+        "-o",
+        str(out),
+        "--model",
+        str(sd1_path),
+        "--scheduler",
+        "ddim",
+        "--steps",
+        "3",
+        "--guidance",
+        "6",
+        "--seed",
+        "11",
+        "-W",
+        "32",
+        "-H",
+        "16",
+        "--negative",
+        "blurry",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    image = Image.open(out)
+    assert image.size == (32, 16)
+    assert image.text["parameters"] == (
+        "a red cat\nNegative prompt: blurry\n"
+        f"Steps: 3, Sampler: ddim, CFG scale: 6, Seed: 11, Size: 32x16, Model: {sd1_path}"
+    )
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --quiet: no progress bars
+    # Same seed, same picture.
+    before = out.read_bytes()
+    assert main([*args, "--overwrite"]) == 0
+    assert Image.open(out).tobytes() == Image.open(__import__("io").BytesIO(before)).tobytes()
+
+
+def test_refuses_to_overwrite_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    assert (
+        main(["generate", "x", "-o", str(out), "--model", str(tmp_path / "missing"), "--quiet"])
+        == 2
+    )
+    assert out.read_bytes() == b"precious"
+    assert "already exist" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "generate",
+                "x",
+                "-o",
+                str(tmp_path / "a.png"),
+                "--model",
+                str(tmp_path / "nope"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("latentkit: error: local path") and "does not exist" in err
+
+
+def test_progress_bars_on_stderr(
+    sd1_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "generate",
+                "x",
+                "-o",
+                str(tmp_path / "a.png"),
+                "--model",
+                str(sd1_path),
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "denoising" in err and "loading" in err
+
+
+def test_lists_schedulers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schedulers"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"ddim", "dpm-solver++", "pndm", "euler"} <= set(names)
