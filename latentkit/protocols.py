@@ -63,7 +63,11 @@ class Scheduler(Protocol):
     """
 
     name: ClassVar[str]
-    prediction_type: PredictionType
+
+    @property
+    def prediction_type(self) -> PredictionType:
+        """What the network predicts (read-only: schedulers are immutable)."""
+        ...
 
     def timesteps(self, steps: int) -> torch.Tensor:
         """The model timesteps evaluated for ``steps`` inference steps, in sampling order."""

@@ -59,7 +59,9 @@ def make_betas(
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     if schedule == "scaled_linear":
         # Linear in sqrt(beta): the schedule of latent diffusion and Stable Diffusion.
-        root = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32)
+        root = torch.linspace(
+            beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32
+        )
         return root**2
     if schedule == "squaredcos_cap_v2":
         return cosine_betas(num_train_timesteps)
@@ -122,7 +124,11 @@ def spaced_timesteps(
     if spacing == "leading":
         return (np.arange(count) * (end // count) + steps_offset)[::-1].astype(np.float64)
     if spacing == "trailing":
-        return np.round(np.arange(end, 0, -num_train_timesteps / count)) - 1
+        timesteps = np.round(np.arange(end, 0, -num_train_timesteps / count)) - 1
+        # Float rounding in arange sometimes adds a point just above 0, i.e. timestep -1
+        # (for 62 of the step counts 1..1000); diffusers keeps it, evaluating the network
+        # at t = -1 (and DDIM reading alpha_bar[-1], the noisiest entry). We drop it.
+        return np.asarray(timesteps[timesteps >= 0])
     raise _invalid("timestep_spacing", spacing, typing.get_args(TimestepSpacing))
 
 
@@ -130,7 +136,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, count: int, rho: float = 7
     """``count`` sigmas from ``sigma_max`` down to ``sigma_min`` (Karras et al. 2022, eq. 5)."""
     ramp = np.linspace(0, 1, count)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return np.asarray((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
 def exponential_sigmas(sigma_min: float, sigma_max: float, count: int) -> np.ndarray:
@@ -148,7 +154,7 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     above = log_sigma[np.newaxis, :] - log_sigmas[:, np.newaxis] >= 0
     low = np.cumsum(above, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
+    return np.asarray((1 - w) * low + w * (low + 1))
 
 
 def vp_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +328,9 @@ class DiscreteScheduler(abc.ABC):
         alpha, sigma = self._vp_at(t, x0)
         return alpha * x0 + sigma * noise
 
-    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def training_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """What the network should output for ``add_noise(x0, noise, t)``, per ``prediction_type``.
 
         ``epsilon``: the noise; ``sample``: ``x0``; ``v_prediction``:

@@ -88,5 +88,7 @@ class DDIM(DiscreteScheduler):
             std = self.eta * variance**0.5
             x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
             if self.eta > 0:
-                x = x + std * randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+                x = x + std * randn(
+                    output.shape, generator=generator, device=output.device, dtype=output.dtype
+                )
             yield SamplerStep(i, len(timesteps), model_timesteps[i], x)

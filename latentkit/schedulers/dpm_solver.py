@@ -1,4 +1,6 @@
-"""Multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++"), diffusers' ``DPMSolverMultistepScheduler``."""
+"""Multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling"),
+diffusers' ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``.
+"""
 
 from __future__ import annotations
 
@@ -63,11 +65,19 @@ class DPMSolverPlusPlus(SigmaScheduler):
     """Not implemented, accepted only as ``False``."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "algorithm_type", _FOREIGN_ALGORITHMS.get(self.algorithm_type, self.algorithm_type))
-        object.__setattr__(self, "solver_type", _FOREIGN_SOLVERS.get(self.solver_type, self.solver_type))
+        object.__setattr__(
+            self,
+            "algorithm_type",
+            _FOREIGN_ALGORITHMS.get(self.algorithm_type, self.algorithm_type),
+        )
+        object.__setattr__(
+            self, "solver_type", _FOREIGN_SOLVERS.get(self.solver_type, self.solver_type)
+        )
         super().__post_init__()
         if self.solver_order not in (1, 2, 3):
-            raise InvalidArgumentError(f"dpm-solver++: solver_order must be 1, 2 or 3, got {self.solver_order}")
+            raise InvalidArgumentError(
+                f"dpm-solver++: solver_order must be 1, 2 or 3, got {self.solver_order}"
+            )
         for option in ("use_lu_lambdas", "use_flow_sigmas"):
             if getattr(self, option):
                 raise InvalidArgumentError(f"dpm-solver++: {option} is not implemented")
@@ -79,8 +89,12 @@ class DPMSolverPlusPlus(SigmaScheduler):
             alphas_cumprod[-1] = 2**-24
         # Sample no timestep whose log-SNR lies below lambda_min_clipped.
         lambdas = torch.log(alphas_cumprod.sqrt()) - torch.log((1 - alphas_cumprod).sqrt())
-        last = self.num_train_timesteps - int(torch.searchsorted(lambdas.flip(0), self.lambda_min_clipped))
-        spacing = dict(num_train_timesteps=self.num_train_timesteps, steps_offset=self.steps_offset, end=last)
+        last = self.num_train_timesteps - int(
+            torch.searchsorted(lambdas.flip(0), self.lambda_min_clipped)
+        )
+        spacing = dict(
+            num_train_timesteps=self.num_train_timesteps, steps_offset=self.steps_offset, end=last
+        )
         if self.timestep_spacing == "trailing":
             spaced = spaced_timesteps("trailing", steps, **spacing)
         else:
@@ -124,7 +138,7 @@ class DPMSolverPlusPlus(SigmaScheduler):
             x0 = predicted_x0(self.prediction_type, output, x, alpha=alpha, sigma=sigma)
             if self.thresholding:
                 x0 = dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-            x0s = [*x0s[1 - self.solver_order :], x0] if self.solver_order > 1 else [x0]
+            x0s = [*x0s, x0][-self.solver_order :]
             order = min(self.solver_order, i + 1)
             if i == total - 1 and (self.euler_at_final or few or self.final_sigmas_type == "zero"):
                 order = 1  # the last step lands on sigma = 0 (lambda = inf) or is lowered
@@ -134,14 +148,17 @@ class DPMSolverPlusPlus(SigmaScheduler):
             x = self._update(x.float(), x0s[-order:], sigmas[i - order + 1 : i + 2]).to(noise.dtype)
             yield SamplerStep(i, total, model_timesteps[i], x)
 
-    def _update(self, x: torch.Tensor, x0s: list[torch.Tensor], sigmas: torch.Tensor) -> torch.Tensor:
+    def _update(
+        self, x: torch.Tensor, x0s: list[torch.Tensor], sigmas: torch.Tensor
+    ) -> torch.Tensor:
         """One multistep update from ``sigmas[-2]`` to ``sigmas[-1]``.
 
         ``x0s`` are the data predictions at ``sigmas[:-1]`` (newest last); their number is the order.
         """
-        alphas, sigmas_vp = zip(*(vp_coefficients(s) for s in sigmas), strict=True)
-        lambdas = [torch.log(a) - torch.log(s) for a, s in zip(alphas, sigmas_vp, strict=True)]
-        alpha_t, sigma_t, sigma_s0 = alphas[-1], sigmas_vp[-1], sigmas_vp[-2]
+        # Scalar by scalar, as diffusers does: a vectorised log may round differently.
+        coefficients = [vp_coefficients(s) for s in sigmas]
+        lambdas = [torch.log(a) - torch.log(s) for a, s in coefficients]
+        (_, sigma_s0), (alpha_t, sigma_t) = coefficients[-2:]
         h = lambdas[-1] - lambdas[-2]
         if h == 0:
             # Karras sigmas with final_sigmas_type="sigma_min" end on a repeated sigma: the
@@ -161,10 +178,13 @@ class DPMSolverPlusPlus(SigmaScheduler):
             if self.solver_type == "midpoint":
                 return x_t - 0.5 * (alpha_t * decay) * d1_0
             return x_t + (alpha_t * (decay / h + 1.0)) * d1_0
-        # Third order: a second divided difference of the x0 predictions (Lu et al. 2022, DPM-Solver, Alg. 3).
+        # Third order (DPM-Solver++(3M) of the authors' code): adds a second divided
+        # difference of the x0 predictions.
         m2 = x0s[-3]
         r1 = (lambdas[-3] - lambdas[-4]) / h
         d1_1 = (1.0 / r1) * (m1 - m2)
         d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
         d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-        return x_t + (alpha_t * (decay / h + 1.0)) * d1 - (alpha_t * ((decay + h) / h**2 - 0.5)) * d2
+        return (
+            x_t + (alpha_t * (decay / h + 1.0)) * d1 - (alpha_t * ((decay + h) / h**2 - 0.5)) * d2
+        )

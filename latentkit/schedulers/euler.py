@@ -14,7 +14,12 @@ import torch
 
 from latentkit.protocols import Denoiser, Generators, SamplerStep
 from latentkit.schedulers import register
-from latentkit.schedulers.common import SigmaScheduler, predicted_x0_ve, sigma_to_t, spaced_timesteps
+from latentkit.schedulers.common import (
+    SigmaScheduler,
+    predicted_x0_ve,
+    sigma_to_t,
+    spaced_timesteps,
+)
 
 
 @register("euler")

@@ -56,9 +56,13 @@ class PNDM(DiscreteScheduler):
             # The warm-up evaluates the second timestep twice (see _sample).
             return torch.from_numpy(np.concatenate([up[:-1], up[-2:-1], up[-1:]])[::-1].copy())
         # Three Runge-Kutta steps over the four highest timesteps, each evaluated at its
-        # start, twice half a step further, and at its end; then PLMS from the 4th down.
+        # start, twice at its midpoint and at its end; then PLMS from the 4th highest down.
         half = self.num_train_timesteps // steps // 2
-        prk = [t for start, end in zip(up[:-4:-1], up[-2:-5:-1]) for t in (start, end + half, end + half, end)]
+        prk = [
+            t
+            for start, end in zip(up[:-4:-1], up[-2:-5:-1], strict=True)
+            for t in (start, end + half, end + half, end)
+        ]
         return torch.from_numpy(np.array(prk + list(up[-4::-1]), dtype=np.int64))
 
     def _sample(
@@ -76,37 +80,35 @@ class PNDM(DiscreteScheduler):
             a_t = alphas_cumprod[t]
             a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else final_alpha_cumprod
             # The (combined) network output is read as a prediction at (x, t), as diffusers does.
-            eps = predicted_eps(self.prediction_type, output, x, alpha=a_t**0.5, sigma=(1 - a_t) ** 0.5)
+            eps = predicted_eps(
+                self.prediction_type, output, x, alpha=a_t**0.5, sigma=(1 - a_t) ** 0.5
+            )
             denominator = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
             return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denominator
 
         x = noise
-        i = 0
         history: list[torch.Tensor] = []  # raw network outputs at the start of each step
-        if not self.skip_prk_steps:
-            # Pseudo Runge-Kutta: four evaluations, each transferring from the step's start.
-            half = self.num_train_timesteps // steps // 2
-            for _ in range(3):
-                start, mid, end = int(timesteps[i]), int(timesteps[i + 1]), int(timesteps[i + 3])
-                x_start = x
-                k1 = model(x, model_timesteps[i])
-                history.append(k1)
-                x = transfer(x_start, k1, start, start - half)
-                yield SamplerStep(i, total, model_timesteps[i], x)
-                k2 = model(x, model_timesteps[i + 1])
-                x = transfer(x_start, k2, start, mid)
-                yield SamplerStep(i + 1, total, model_timesteps[i + 1], x)
-                k3 = model(x, model_timesteps[i + 2])
-                x = transfer(x_start, k3, start, mid - half)
-                yield SamplerStep(i + 2, total, model_timesteps[i + 2], x)
-                k4 = model(x, model_timesteps[i + 3])
-                combined = 1 / 6 * k1 + 1 / 3 * k2 + 1 / 3 * k3 + 1 / 6 * k4
-                x = transfer(x_start, combined, start, end)
-                yield SamplerStep(i + 3, total, model_timesteps[i + 3], x)
-                i += 4
+        warmup = 0 if self.skip_prk_steps else 12
+        half = self.num_train_timesteps // steps // 2
+        for i in range(0, warmup, 4):
+            # Pseudo Runge-Kutta: four evaluations, each transferring from the step's start
+            # (to half a step further for the first three; the first target is
+            # start - half, which is the evaluated midpoint only for an even jump).
+            start, mid, end = int(timesteps[i]), int(timesteps[i + 1]), int(timesteps[i + 3])
+            x_start, slopes = x, []
+            for k, target in enumerate((start - half, mid, mid - half, end)):
+                slopes.append(model(x, model_timesteps[i + k]))
+                output = slopes[k]
+                if k == 3:
+                    output = (
+                        1 / 6 * slopes[0] + 1 / 3 * slopes[1] + 1 / 3 * slopes[2] + 1 / 6 * output
+                    )
+                x = transfer(x_start, output, start, target)
+                yield SamplerStep(i + k, total, model_timesteps[i + k], x)
+            history.append(slopes[0])
 
         x_first = x
-        for i in range(i, total):
+        for i in range(warmup, total):
             t = int(timesteps[i])
             output = model(x, model_timesteps[i])
             if self.skip_prk_steps and i == 1:
