@@ -22,9 +22,7 @@ class UnknownNameError(InvalidArgumentError, KeyError):
 
     def __init__(self, kind: str, name: str, valid: Iterable[str]) -> None:
         self.kind, self.name, self.valid = kind, name, sorted(valid)
-        super().__init__(
-            f"unknown {kind} {name!r}; valid: {', '.join(self.valid) or '(none)'}"
-        )
+        super().__init__(f"unknown {kind} {name!r}; valid: {', '.join(self.valid) or '(none)'}")
 
     def __str__(self) -> str:  # KeyError would repr() the message; show it plainly.
         return str(self.args[0])
