@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from latentkit.devices import resolve_device, resolve_dtype
-from latentkit.pipeline import Callback, Seeds, StableDiffusion
-from latentkit.protocols import Scheduler
+from latentkit.pipeline import StableDiffusion
+from latentkit.protocols import Callback, Scheduler, Seeds
 from latentkit.results import GenerationResult, OutputType
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

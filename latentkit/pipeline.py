@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from latentkit.devices import resolve_device, resolve_dtype
 from latentkit.errors import InvalidArgumentError
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
 from latentkit.noise import randn
-from latentkit.protocols import SamplerStep, Scheduler
+from latentkit.protocols import Callback, Scheduler, Seeds
 from latentkit.results import (
     OUTPUT_TYPES,
     GenerationParameters,
@@ -33,9 +33,6 @@ from latentkit.results import (
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import AutoencoderKL
     from latentkit.models.unet import UNet2DCondition
-
-Callback = Callable[[SamplerStep], Any]
-Seeds = int | Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -128,7 +125,8 @@ class StableDiffusion:
         """This pipeline with another scheduler (a name, an alias or a scheduler object).
 
         A name carries over the fields of the model's own scheduler config, as diffusers'
-        ``from_config`` does, so the swap gives the same images in both libraries.
+        ``from_config`` does, so the swap gives the same images in both libraries; so does
+        an object from `latentkit.schedulers.create` for the options its caller left unset.
         """
         return dataclasses.replace(self, scheduler=self.resolve_scheduler(scheduler, **options))
 
@@ -147,7 +145,7 @@ class StableDiffusion:
             )
         if options:
             raise InvalidArgumentError("scheduler options go with a scheduler name, not an object")
-        return scheduler
+        return schedulers.for_model(scheduler, self.scheduler_config)
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -330,3 +328,17 @@ def _check_generate_args(
         )
     if callback is not None and not callable(callback):
         raise InvalidArgumentError("callback must be callable")
+
+
+if TYPE_CHECKING:
+    # mypy proves that the built-in components satisfy the protocols they are used as.
+    from latentkit.protocols import Autoencoder, Conditioner, Pipeline
+    from latentkit.schedulers.ddim import DDIM
+    from latentkit.schedulers.dpm_solver import DPMSolverPlusPlus
+    from latentkit.schedulers.euler import Euler
+    from latentkit.schedulers.pndm import PNDM
+
+    _pipeline: type[Pipeline] = StableDiffusion
+    _autoencoder: type[Autoencoder] = AutoencoderKL
+    _conditioner: type[Conditioner[Sequence[str]]] = TextConditioner
+    _schedulers: tuple[type[Scheduler], ...] = (DDIM, DPMSolverPlusPlus, Euler, PNDM)

@@ -8,14 +8,14 @@ Anything with these methods and attributes plugs in; nothing needs to inherit fr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 if TYPE_CHECKING:
-    from latentkit.results import GenerationResult
+    from latentkit.results import GenerationResult, OutputType
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 """What the network predicts: the noise, the velocity ``v`` (Salimans & Ho 2022, sec. 4) or ``x0``."""
@@ -120,10 +120,36 @@ class Autoencoder(Protocol):
         ...
 
 
+Seeds = int | Sequence[int] | None
+"""An int (one CPU generator for the batch), one int per image, or None (a fresh seed)."""
+
+Callback = Callable[[SamplerStep], Any]
+"""Called after every network evaluation with the loop's `SamplerStep`."""
+
+
 @runtime_checkable
 class Pipeline(Protocol):
-    """Anything that generates images from a prompt with the keywords of `latentkit.generate`."""
+    """Anything that generates images from a prompt with the keywords of `latentkit.generate`.
 
-    def generate(self, prompt: str | Sequence[str], **options: Any) -> GenerationResult:
+    Pipelines for other tasks add keywords of their own (with defaults) and still conform.
+    """
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        scheduler: str | Scheduler | None = None,
+        seed: Seeds = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 1,
+        output_type: OutputType = "pil",
+        callback: Callback | None = None,
+        progress: bool = True,
+    ) -> GenerationResult:
         """Generate images; see `latentkit.generate` for the keywords."""
         ...

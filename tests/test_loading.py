@@ -296,3 +296,44 @@ def test_weights_are_not_randomly_initialised_first(
     assert calls == []
     assert not any(p.is_meta for p in pipe.unet.parameters())
     assert not any(p.is_meta for p in pipe.vae.parameters())
+
+
+def test_cli_offline_from_cache_in_a_fresh_process(sd1_path: Path, tmp_path: Path) -> None:
+    """Exactly how an offline user runs: HF_HUB_OFFLINE=1 and a filled cache, nothing else."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    cache = tmp_path / "hub"
+    make_cache(sd1_path, cache, "tiny/sd1")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    out = tmp_path / "x.png"
+    cmd = [
+        sys.executable,
+        "-m",
+        "latentkit",
+        "generate",
+        "a cat",
+        "-o",
+        str(out),
+        "--model",
+        "tiny/sd1",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Model: tiny/sd1" in Image.open(out).text["parameters"]
+    cmd[cmd.index("tiny/sd1")] = "nobody/nothing"
+    cmd[cmd.index(str(out))] = str(tmp_path / "y.png")
+    missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert "HF_HUB_OFFLINE=1 is set" in missing.stderr

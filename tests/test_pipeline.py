@@ -170,8 +170,31 @@ def test_with_scheduler_carries_model_config(sd2: Any) -> None:
     swapped = sd2.with_scheduler("dpm-solver++")
     assert swapped.scheduler.prediction_type == "v_prediction"  # carried over from the model
     assert swapped.unet is sd2.unet and sd2.scheduler.name == "ddim"  # the original is unchanged
-    obj = latentkit.schedulers.create("ddim", eta=0.0)
-    assert sd2.with_scheduler(obj).scheduler is obj
+    # An object from create() keeps the options its caller set and takes the rest from the model.
+    obj = latentkit.schedulers.create("euler", use_karras_sigmas=True)
+    fitted = sd2.with_scheduler(obj).scheduler
+    assert fitted.use_karras_sigmas and fitted.prediction_type == "v_prediction"
+    assert fitted.beta_schedule == "scaled_linear" and obj.beta_schedule == "linear"
+    # One built with an explicit config (or by its class) is used exactly as it is.
+    exact = latentkit.schedulers.create("ddim", config={"beta_schedule": "linear"})
+    assert sd2.with_scheduler(exact).scheduler is exact
+
+
+def test_stochastic_ddim_object_matches_diffusers(sd1: Any, sd1_path: Path) -> None:
+    """eta > 0 draws fresh noise every step from the same generator, in diffusers' order."""
+    eta = latentkit.schedulers.create("ddim", eta=0.7)
+    ref = reference(
+        diffusers_pipe(sd1_path, "DDIMScheduler"),
+        9,
+        prompt="a cat",
+        num_inference_steps=5,
+        eta=0.7,
+        num_images_per_prompt=2,
+    )
+    got = ours(sd1, 9, prompt="a cat", steps=5, scheduler=eta, num_images=2)
+    assert np.abs(got - ref).max() <= TOL
+    no_eta = ours(sd1, 9, prompt="a cat", steps=5, scheduler="ddim", num_images=2)
+    assert np.abs(got - no_eta).max() > 1e-3  # the per-step noise really was drawn
 
 
 def test_generate_caches_the_pipeline(sd1_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,3 +235,13 @@ def test_threads_share_one_pipeline(sd1: Any) -> None:
         parallel = list(pool.map(run, (1, 2, 3)))
     for a, b in zip(sequential, parallel, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_bf16_on_cpu_is_close_to_fp32(sd1_path: Path, sd1: Any) -> None:
+    bf16 = latentkit.load_pipeline(sd1_path, device="cpu", dtype="bf16", progress=False)
+    assert bf16.unet.conv_in.weight.dtype == torch.bfloat16
+    got = ours(bf16, 4, prompt="a cat", steps=4)
+    ref = ours(sd1, 4, prompt="a cat", steps=4)
+    assert got.dtype == np.float32
+    # bf16 keeps 8 bits of mantissa: a few percent of the [0, 1] range after 4 steps.
+    assert np.abs(got - ref).max() < 0.1

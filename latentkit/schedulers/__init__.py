@@ -22,6 +22,8 @@ registry: Registry[type[Scheduler]] = Registry("scheduler", "latentkit.scheduler
 
 S = TypeVar("S", bound=type[Scheduler])
 
+_CHOSEN = "_latentkit_chosen_options"
+
 
 def register(name: str, *, replace: bool = False) -> Callable[[S], S]:
     """Class decorator registering a scheduler under ``name``."""
@@ -54,7 +56,25 @@ def create(name: str, /, *, config: Mapping[str, Any] | None = None, **opts: Any
             raise UnknownNameError(f"{key} option", option, accepted)
     carried = {k: v for k, v in (config or {}).items() if k in accepted and not k.startswith("_")}
     carried = _without_defaults_used(config or {}, carried)
-    return cls(**{**carried, **preset, **opts})
+    scheduler = cls(**{**carried, **preset, **opts})
+    if config is None:
+        # Remember what the caller chose, so a pipeline can take the rest from its model.
+        object.__setattr__(scheduler, _CHOSEN, (key, {**preset, **opts}))
+    return scheduler
+
+
+def for_model(scheduler: Scheduler, config: Mapping[str, Any]) -> Scheduler:
+    """``scheduler`` fitted to a model whose ``scheduler_config.json`` is ``config``.
+
+    A scheduler made by `create` without ``config=`` takes every option its caller did not
+    set from the model's config (``create("ddim", eta=0.5)`` on Stable Diffusion gets SD's
+    betas and offsets, not DDIM's generic defaults). Any other scheduler is used as it is.
+    """
+    chosen: tuple[str, dict[str, Any]] | None = getattr(scheduler, _CHOSEN, None)
+    if chosen is None:
+        return scheduler
+    key, opts = chosen
+    return create(key, config=config, **opts)
 
 
 def from_config(config: Mapping[str, Any]) -> Scheduler:
@@ -85,4 +105,4 @@ def _without_defaults_used(config: Mapping[str, Any], carried: dict[str, Any]) -
 # The built-in registrations.
 from latentkit.schedulers import ddim, dpm_solver, euler, pndm  # noqa: E402, F401
 
-__all__ = ["create", "from_config", "names", "options", "register", "registry"]
+__all__ = ["create", "for_model", "from_config", "names", "options", "register", "registry"]
