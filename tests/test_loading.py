@@ -284,14 +284,19 @@ def test_weights_are_not_randomly_initialised_first(
 ) -> None:
     """Modules are built on the meta device: no parameter is ever initialised for real."""
     calls = []
-    real = torch.nn.init.kaiming_uniform_
 
-    def spy(tensor: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        if not tensor.is_meta:
-            calls.append(tuple(tensor.shape))
-        return real(tensor, *a, **k)
+    def spy_on(name: str) -> None:
+        real = getattr(torch.nn.init, name)
 
-    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
+        def spy(tensor: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+            if not tensor.is_meta:
+                calls.append((name, tuple(tensor.shape)))
+            return real(tensor, *a, **k)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(torch.nn.init, name, spy)
+
+    for name in ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_"):
+        spy_on(name)
     pipe = latentkit.load_pipeline(sd1_path, progress=False)
     assert calls == []
     assert not any(p.is_meta for p in pipe.unet.parameters())

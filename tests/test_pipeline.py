@@ -245,3 +245,10 @@ def test_bf16_on_cpu_is_close_to_fp32(sd1_path: Path, sd1: Any) -> None:
     assert got.dtype == np.float32
     # bf16 keeps 8 bits of mantissa: a few percent of the [0, 1] range after 4 steps.
     assert np.abs(got - ref).max() < 0.1
+
+
+def test_prompt_and_seed_change_the_image(sd1: Any) -> None:
+    """Guards the parity tests: the tiny model's images depend on the text and the seed."""
+    a = ours(sd1, 0, prompt="a cat", steps=3)
+    assert np.abs(a - ours(sd1, 0, prompt="a red photo", steps=3)).max() > 1e-3
+    assert np.abs(a - ours(sd1, 1, prompt="a cat", steps=3)).max() > 1e-3
