@@ -88,7 +88,7 @@ def clear_cache() -> None:
 
 
 def generate(
-    prompt: str | Sequence[str],
+    prompt: str | Sequence[str] | None = None,
     *,
     model: str | os.PathLike[str] | StableDiffusion = DEFAULT_MODEL,
     negative_prompt: str | Sequence[str] | None = None,
@@ -105,6 +105,9 @@ def generate(
     dtype: str | torch.dtype = "auto",
     callback: Callback | None = None,
     progress: bool = True,
+    clip_skip: int | None = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
 ) -> GenerationResult:
     """Generate images from a text prompt in one call.
 
@@ -129,6 +132,14 @@ def generate(
         dtype: ``"auto"`` (fp16 on GPUs, fp32 on CPU), ``"fp32"``, ``"fp16"`` or ``"bf16"``.
         callback: Called with a `latentkit.SamplerStep` after every step.
         progress: Show progress bars on stderr.
+        clip_skip: Condition on the text encoder's hidden states this many layers before
+            the last (1 = the penultimate layer, as in A1111 and diffusers).
+        prompt_embeds: Precomputed text embeddings (batch, tokens, width) instead of ``prompt``.
+        negative_prompt_embeds: Precomputed embeddings for the negative prompt, same shape.
+
+    Prompts longer than the text encoder's 77-token window are encoded in chunks and the
+    chunks concatenated, never cut; ``(word:1.3)``, ``(word)`` and ``[word]`` weight words as
+    in A1111 (see the text conditioner docs).
 
     Example:
         >>> result = latentkit.generate("a photo of a cat", scheduler="dpm-solver++", steps=25, seed=42)  # doctest: +SKIP
@@ -152,4 +163,7 @@ def generate(
         output_type=output_type,
         callback=callback,
         progress=progress,
+        clip_skip=clip_skip,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
     )

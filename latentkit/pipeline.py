@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from latentkit import schedulers
-from latentkit.conditioners.text import TextConditioner
+from latentkit.conditioners.text import PromptTokens, TextConditioner
 from latentkit.devices import resolve_device, resolve_dtype
 from latentkit.errors import InvalidArgumentError
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
@@ -154,10 +154,114 @@ class StableDiffusion:
         h, w = (size, size) if isinstance(size, int) else size
         return h * self.vae.scale_factor, w * self.vae.scale_factor
 
+    def _check_prompts(
+        self,
+        prompt: str | Sequence[str] | None,
+        negative_prompt: str | Sequence[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        guided: bool,
+    ) -> tuple[list[str], list[str]]:
+        """The prompts and negative prompts (one each per batch item), checked against any
+        precomputed embeddings; empty strings stand for embeddings given directly."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise InvalidArgumentError("pass either prompt or prompt_embeds (exactly one)")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise InvalidArgumentError("pass negative_prompt or negative_prompt_embeds, not both")
+        for label, embeds in (
+            ("prompt_embeds", prompt_embeds),
+            ("negative_prompt_embeds", negative_prompt_embeds),
+        ):
+            if embeds is not None and (
+                embeds.ndim != 3 or embeds.shape[-1] != self.unet.config.cross_attention_dim
+            ):
+                raise InvalidArgumentError(
+                    f"{label} must have shape (batch, tokens, {self.unet.config.cross_attention_dim}), "
+                    f"got {tuple(embeds.shape)}"
+                )
+        if prompt_embeds is not None:
+            prompts = [""] * prompt_embeds.shape[0]
+            if (
+                negative_prompt_embeds is not None
+                and negative_prompt_embeds.shape != prompt_embeds.shape
+            ):
+                raise InvalidArgumentError(
+                    f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must match "
+                    f"prompt_embeds {tuple(prompt_embeds.shape)}"
+                )
+            if (
+                guided
+                and negative_prompt_embeds is None
+                and prompt_embeds.shape[1] % self.text.window
+            ):
+                raise InvalidArgumentError(
+                    f"prompt_embeds have {prompt_embeds.shape[1]} tokens, not a multiple of "
+                    f"{self.text.window}: pass negative_prompt_embeds of the same shape"
+                )
+        else:
+            prompts = _as_prompts(prompt, "prompt")  # type: ignore[arg-type]
+        negatives = _as_prompts(
+            "" if negative_prompt is None else negative_prompt, "negative_prompt"
+        )
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise InvalidArgumentError(
+                f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one each"
+            )
+        return prompts, negatives
+
+    def _text_context(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        guided: bool,
+        clip_skip: int | None,
+    ) -> torch.Tensor:
+        """Cross-attention context: [negatives; prompts] when guided, else the prompts.
+
+        Prompt and negative are encoded in as many chunks as the longer needs, so their
+        hidden states can be batched together.
+        """
+
+        def embed(tokens: PromptTokens) -> torch.Tensor:
+            return self.text.embed(
+                tokens, device=self.device, dtype=self.dtype, clip_skip=clip_skip
+            )
+
+        window = self.text.window
+        negative_tokens = None
+        if prompt_embeds is None:
+            tokens = self.text.tokenize(prompts)
+            if guided and negative_prompt_embeds is None:
+                # As many chunks as the longer of prompt and negative needs.
+                negative_tokens = self.text.tokenize(negatives, chunks=tokens.chunks)
+                if negative_tokens.chunks > tokens.chunks:
+                    tokens = self.text.tokenize(prompts, chunks=negative_tokens.chunks)
+            cond = embed(tokens)
+        else:
+            cond = prompt_embeds.to(device=self.device, dtype=self.dtype)
+        if not guided:
+            return cond
+        if negative_prompt_embeds is not None:
+            uncond = negative_prompt_embeds.to(device=self.device, dtype=self.dtype)
+        else:
+            if negative_tokens is None:
+                negative_tokens = self.text.tokenize(negatives, chunks=cond.shape[1] // window)
+            if negative_tokens.chunks * window != cond.shape[1]:
+                raise InvalidArgumentError(
+                    f"the negative prompt needs {negative_tokens.chunks * window} tokens but the prompt "
+                    f"embeddings have {cond.shape[1]}; shorten it or pass negative_prompt_embeds"
+                )
+            uncond = embed(negative_tokens)
+        return torch.cat([uncond, cond])
+
     @torch.inference_mode()
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         *,
         negative_prompt: str | Sequence[str] | None = None,
         steps: int = 50,
@@ -171,18 +275,15 @@ class StableDiffusion:
         output_type: OutputType = "pil",
         callback: Callback | None = None,
         progress: bool = True,
+        clip_skip: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> GenerationResult:
         """Generate images for ``prompt``; see `latentkit.generate` for the keywords."""
-        prompts = _as_prompts(prompt, "prompt")
-        negatives = _as_prompts(
-            "" if negative_prompt is None else negative_prompt, "negative_prompt"
+        guided = guidance_scale > 1.0
+        prompts, negatives = self._check_prompts(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided
         )
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise InvalidArgumentError(
-                f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one each"
-            )
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         _check_generate_args(
@@ -201,12 +302,9 @@ class StableDiffusion:
         sched = self.resolve_scheduler(scheduler)
 
         # The text embeddings: each prompt repeated num_images times, negatives first for CFG.
-        guided = guidance_scale > 1.0
-        context = self.text.encode(prompts, device=self.device, dtype=self.dtype)
-        context = context.repeat_interleave(num_images, dim=0)
-        if guided:
-            uncond = self.text.encode(negatives, device=self.device, dtype=self.dtype)
-            context = torch.cat([uncond.repeat_interleave(num_images, dim=0), context])
+        context = self._text_context(
+            prompts, negatives, prompt_embeds, negative_prompt_embeds, guided, clip_skip
+        ).repeat_interleave(num_images, dim=0)  # rows stay grouped: [negatives; prompts]
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not guided:

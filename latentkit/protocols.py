@@ -136,7 +136,7 @@ class Pipeline(Protocol):
 
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         *,
         negative_prompt: str | Sequence[str] | None = None,
         steps: int = 50,

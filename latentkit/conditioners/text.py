@@ -1,18 +1,100 @@
-"""Text conditioning: a CLIP text encoder's last hidden states as cross-attention context."""
+"""Text conditioning: CLIP hidden states as the UNet's cross-attention context.
+
+Prompts of any length are encoded in chunks of the encoder's window (75 tokens between a
+start and an end token) and the chunks' hidden states concatenated, so nothing is cut
+off. A1111-style emphasis scales the hidden states of the tokens it covers:
+``(word)`` × 1.1, ``[word]`` ÷ 1.1, ``(word:1.3)`` × 1.3, nested brackets multiply, and
+``\\(`` ``\\)`` ``\\[`` ``\\]`` are literal brackets. A plain prompt of at most 75 tokens
+encodes exactly as diffusers encodes it.
+"""
 
 from __future__ import annotations
 
-import warnings
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from latentkit.conditioners import register
+from latentkit.errors import InvalidArgumentError
 from latentkit.protocols import ConditionTarget
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
+
+EMPHASIS = 1.1
+"""The factor of one pair of round brackets (and the divisor of square ones), as in A1111."""
+
+_TOKEN = re.compile(
+    r"\\[()\[\]\\]"  # an escaped bracket or backslash: literal text
+    r"|\(|\["  # an opening bracket
+    r"|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)"  # ":1.3)" closes a round bracket with a weight
+    r"|\)|\]"  # a closing bracket
+    r"|[^\\()\[\]:]+|:|\\",  # plain text
+)
+
+
+def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
+    """Split ``prompt`` into ``(text, weight)`` runs by A1111's emphasis syntax.
+
+    >>> parse_emphasis("a (red:1.5) cat [on a mat]")
+    [('a ', 1.0), ('red', 1.5), (' cat ', 1.0), ('on a mat', 0.9090909090909091)]
+    """
+    runs: list[list[str | float]] = []
+    open_round: list[int] = []
+    open_square: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] = float(run[1]) * factor
+
+    for match in _TOKEN.finditer(prompt):
+        text, weight = match.group(0), match.group(1)
+        if text.startswith("\\") and len(text) == 2:
+            runs.append([text[1], 1.0])
+        elif text == "(":
+            open_round.append(len(runs))
+        elif text == "[":
+            open_square.append(len(runs))
+        elif weight is not None and open_round:
+            scale(open_round.pop(), float(weight))
+        elif text == ")" and open_round:
+            scale(open_round.pop(), EMPHASIS)
+        elif text == "]" and open_square:
+            scale(open_square.pop(), 1 / EMPHASIS)
+        else:
+            runs.append([text, 1.0])
+    # Brackets left open apply to the rest of the prompt, as in A1111.
+    for start in open_round:
+        scale(start, EMPHASIS)
+    for start in open_square:
+        scale(start, 1 / EMPHASIS)
+    merged: list[tuple[str, float]] = []
+    for text, weight in ((str(t), float(w)) for t, w in runs):
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + text, weight)
+        else:
+            merged.append((text, weight))
+    return merged or [("", 1.0)]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token ids of a batch of prompts, in chunks of the encoder's window.
+
+    ``ids``, ``weights`` and ``mask`` are (batch, chunks, window); every chunk starts with
+    the start token and ends its text with the end token, then padding.
+    """
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def chunks(self) -> int:
+        return int(self.ids.shape[1])
 
 
 @register("text")
@@ -28,34 +110,91 @@ class TextConditioner:
         self.text_encoder = text_encoder
 
     @property
-    def max_length(self) -> int:
+    def window(self) -> int:
+        """Tokens the encoder sees at once (77 for CLIP), start and end tokens included."""
         return int(self.tokenizer.model_max_length)
+
+    @property
+    def width(self) -> int:
+        """Width of the hidden states (768 for SD 1.x, 1024 for SD 2.x)."""
+        return int(self.text_encoder.config.hidden_size)
 
     def encode(
         self, value: Sequence[str], *, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
-        """Encode a batch of prompts to (B, 77, D) embeddings."""
-        prompts = list(value)
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        full = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > self.max_length:
-            warnings.warn(
-                f"a prompt is longer than the text encoder's {self.max_length} tokens; "
-                "the end was cut off",
-                stacklevel=3,
-            )
-        # Most CLIP encoders used by Stable Diffusion were trained without an attention mask
-        # (padding tokens are attended to); honour the config of those that were.
+        """Encode a batch of prompts to (B, 77 × chunks, D) hidden states."""
+        return self.embed(self.tokenize(value), device=device, dtype=dtype)
+
+    def tokenize(self, prompts: Sequence[str], *, chunks: int = 1) -> PromptTokens:
+        """Token ids, emphasis weights and masks of ``prompts``, in at least ``chunks`` chunks
+        (all prompts get as many as the longest needs; extra chunks encode an empty prompt)."""
+        inner = self.window - 2
+        per_prompt = [self._tokens_and_weights(p) for p in prompts]
+        count = max([chunks, *((len(ids) + inner - 1) // inner for ids, _ in per_prompt)])
+        start, end = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), count, self.window), pad, dtype=torch.long)
+        weights = torch.ones(ids.shape)
+        mask = torch.zeros(ids.shape, dtype=torch.long)
+        for b, (tokens, token_weights) in enumerate(per_prompt):
+            for c in range(count):
+                piece = tokens[c * inner : (c + 1) * inner]
+                n = len(piece)
+                ids[b, c, : n + 2] = torch.tensor([start, *piece, end])
+                weights[b, c, 1 : n + 1] = torch.tensor(token_weights[c * inner : c * inner + n])
+                mask[b, c, : n + 2] = 1
+        return PromptTokens(ids=ids, weights=weights, mask=mask)
+
+    def embed(
+        self,
+        tokens: PromptTokens,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        clip_skip: int | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, window × chunks, D) of tokenized prompts.
+
+        ``clip_skip=k`` takes the hidden states ``k`` layers before the last, through the
+        final layer norm (the convention of A1111 and diffusers; 1 = the penultimate layer).
+        """
+        batch, count, window = tokens.ids.shape
+        ids = tokens.ids.reshape(batch * count, window).to(device)
+        # Most CLIP encoders used by Stable Diffusion were trained without an attention
+        # mask (padding is attended to); honour the config of those that were.
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(device)
-        hidden: torch.Tensor = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[
-            0
-        ]
-        return hidden.to(dtype=dtype, device=device)
+            mask = tokens.mask.reshape(batch * count, window).to(device)
+        if clip_skip is None:
+            hidden: torch.Tensor = self.text_encoder(ids, attention_mask=mask)[0]
+        else:
+            layers = self.text_encoder.config.num_hidden_layers
+            if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+                raise InvalidArgumentError(
+                    f"clip_skip must be an int in [0, {layers - 1}] for this text encoder, got {clip_skip!r}"
+                )
+            out = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True)
+            # transformers 5 flattened CLIPTextModel; earlier versions nest it in .text_model.
+            core = getattr(self.text_encoder, "text_model", self.text_encoder)
+            hidden = core.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+        hidden = hidden.to(dtype=dtype, device=device)
+        weights = tokens.weights.reshape(batch * count, window, 1)
+        if not torch.all(weights == 1):
+            # A1111's emphasis: scale each token's state, then restore the chunk's mean so
+            # the overall magnitude is unchanged (per prompt here, so batching changes nothing).
+            weights = weights.to(device=device, dtype=hidden.dtype)
+            before = hidden.mean(dim=(1, 2), keepdim=True)
+            hidden = hidden * weights
+            hidden = hidden * (before / hidden.mean(dim=(1, 2), keepdim=True))
+        return hidden.reshape(batch, count * window, -1)
+
+    def _tokens_and_weights(self, prompt: str) -> tuple[list[int], list[float]]:
+        tokens: list[int] = []
+        weights: list[float] = []
+        for text, weight in parse_emphasis(prompt):
+            ids = self.tokenizer(
+                text, add_special_tokens=False, truncation=False, verbose=False
+            ).input_ids
+            tokens += ids
+            weights += [weight] * len(ids)
+        return tokens, weights
