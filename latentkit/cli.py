@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    sub.add_parser("schedulers", help="list the registered schedulers")
+    sub.add_parser(
+        "schedulers", help="list the registered schedulers, each with its A1111 sampler labels"
+    )
     return parser
 
 
@@ -65,8 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "schedulers":
             from latentkit import schedulers
 
-            for name in schedulers.names():
-                print(name)
+            # One registration per line, name first, then its A1111 labels (comma-separated).
+            listed = schedulers.names()
+            width = max(map(len, listed), default=0) + 2
+            for name in listed:
+                print(f"{name:<{width}}{', '.join(schedulers.aliases(name))}".rstrip())
             return 0
         return _generate(args)
     except LatentkitError as e:

@@ -113,6 +113,13 @@ def test_progress_bars_on_stderr(
 
 
 def test_lists_schedulers(capsys: pytest.CaptureFixture[str]) -> None:
+    from latentkit import schedulers
+
     assert main(["schedulers"]) == 0
-    names = capsys.readouterr().out.split()
-    assert {"ddim", "dpm-solver++", "pndm", "euler"} <= set(names)
+    lines = capsys.readouterr().out.splitlines()
+    # One registration per line, name first, then its A1111 labels.
+    assert [line.split()[0] for line in lines] == schedulers.names()
+    assert {"ddim", "dpm-solver++", "pndm", "euler"} <= {line.split()[0] for line in lines}
+    by_name = {line.split()[0]: line.split(maxsplit=1)[1:] for line in lines}
+    assert by_name["dpm-solver++"] == ["DPM++ 2M, DPM++ 2M Karras"]
+    assert by_name["pndm"] == ["PLMS"]

@@ -414,8 +414,8 @@ def test_from_config_picks_the_class() -> None:
         scheduler = schedulers.from_config({**cls().config, "_class_name": cls.__name__})
         assert type(scheduler).name == name
         assert schedulers.from_config(scheduler.to_config()) == scheduler
-    with pytest.raises(UnknownNameError, match="LMSDiscreteScheduler"):
-        schedulers.from_config({"_class_name": "LMSDiscreteScheduler"})
+    with pytest.raises(UnknownNameError, match="ScoreSdeVeScheduler"):
+        schedulers.from_config({"_class_name": "ScoreSdeVeScheduler"})
 
 
 def test_dpm_solver_maps_sibling_solver_names_as_diffusers_does() -> None:

@@ -47,6 +47,8 @@ def create(name: str, /, *, config: Mapping[str, Any] | None = None, **opts: Any
     ``scheduler_config.json``): every field of it that this scheduler also has is carried
     over, the rest take this scheduler's defaults, as diffusers' ``from_config`` does.
     Explicit ``opts`` win over both. Unknown options raise an error listing the valid ones.
+    Options a class lists in ``not_carried`` are fixed by its registration (the algorithm of
+    ``dpm-solver++-sde``) and never taken from ``config``.
     """
     key, preset = registry.resolve(name)
     cls = registry[key]
@@ -54,7 +56,12 @@ def create(name: str, /, *, config: Mapping[str, Any] | None = None, **opts: Any
     for option in opts:
         if option not in accepted:
             raise UnknownNameError(f"{key} option", option, accepted)
-    carried = {k: v for k, v in (config or {}).items() if k in accepted and not k.startswith("_")}
+    fixed = set(getattr(cls, "not_carried", ()))
+    carried = {
+        k: v
+        for k, v in (config or {}).items()
+        if k in accepted and k not in fixed and not k.startswith("_")
+    }
     carried = _without_defaults_used(config or {}, carried)
     scheduler = cls(**{**carried, **preset, **opts})
     if config is None:
@@ -78,10 +85,19 @@ def for_model(scheduler: Scheduler, config: Mapping[str, Any]) -> Scheduler:
 
 
 def from_config(config: Mapping[str, Any]) -> Scheduler:
-    """The scheduler a diffusers ``scheduler_config.json`` describes (by its ``_class_name``)."""
+    """The scheduler a diffusers ``scheduler_config.json`` describes (by its ``_class_name``).
+
+    Where registrations share a diffusers class (``DPMSolverMultistepScheduler`` is three, by
+    ``algorithm_type``), the one whose optional classmethod ``matches_config(config)`` says
+    so is chosen; it may raise `UnsupportedModelError` for a variant none implements.
+    """
     class_name = config.get("_class_name")
     for key in registry.names():
-        if class_name in getattr(registry[key], "diffusers_names", ()):
+        cls = registry[key]
+        matches = getattr(cls, "matches_config", None)
+        if class_name in getattr(cls, "diffusers_names", ()) and (
+            matches is None or matches(config)
+        ):
             return create(key, config=config)
     known = sorted(n for k in registry.names() for n in getattr(registry[k], "diffusers_names", ()))
     raise UnknownNameError("scheduler class", str(class_name), known)
@@ -103,6 +119,62 @@ def _without_defaults_used(config: Mapping[str, Any], carried: dict[str, Any]) -
 
 
 # The built-in registrations.
-from latentkit.schedulers import ddim, dpm_solver, euler, pndm  # noqa: E402, F401
+from latentkit.schedulers import (  # noqa: E402, F401
+    ddim,
+    ddpm,
+    dpm_solver,
+    dpm_solver_singlestep,
+    euler,
+    euler_ancestral,
+    heun,
+    lcm,
+    lms,
+    pndm,
+    unipc,
+)
 
-__all__ = ["create", "for_model", "from_config", "names", "options", "register", "registry"]
+A1111_ALIASES: Mapping[str, tuple[str, Mapping[str, Any]]] = {
+    # AUTOMATIC1111 web UI sampler label -> (registered name, preset options), only where
+    # the registration computes the same sampler (diffusers' table of equivalents).
+    # "DPM++ 2S a" and "DPM++ 3M SDE" have no exact counterpart here, so no alias.
+    "DDIM": ("ddim", {}),
+    "PLMS": ("pndm", {}),
+    "Euler": ("euler", {}),
+    "Euler a": ("euler-ancestral", {}),
+    "Heun": ("heun", {}),
+    "LMS": ("lms", {}),
+    "LMS Karras": ("lms", {"use_karras_sigmas": True}),
+    "DPM++ 2M": ("dpm-solver++", {}),
+    "DPM++ 2M Karras": ("dpm-solver++", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("dpm-solver++-sde", {}),
+    "DPM++ 2M SDE Karras": ("dpm-solver++-sde", {"use_karras_sigmas": True}),
+    "UniPC": ("unipc", {}),
+    "LCM": ("lcm", {}),
+}
+"""The A1111 sampler labels latentkit accepts as scheduler names, and what each means.
+
+``create("DPM++ 2M Karras")`` is ``create("dpm-solver++", use_karras_sigmas=True)``; labels
+match ignoring case, spaces, underscores and dashes, like names.
+"""
+
+for _alias, (_name, _preset) in A1111_ALIASES.items():
+    registry.alias(_alias, _name, **_preset)
+
+
+def aliases(name: str) -> list[str]:
+    """The A1111 labels that resolve to the registered scheduler ``name``."""
+    key, _ = registry.resolve(name)
+    return [alias for alias, (target, _) in A1111_ALIASES.items() if target == key]
+
+
+__all__ = [
+    "A1111_ALIASES",
+    "aliases",
+    "create",
+    "for_model",
+    "from_config",
+    "names",
+    "options",
+    "register",
+    "registry",
+]

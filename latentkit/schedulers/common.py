@@ -31,6 +31,9 @@ BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 """How inference timesteps are picked from the training ones (Lin et al. 2024, Table 2)."""
 
+SigmaSpacing = Literal["table", "karras", "exponential"]
+"""Sigmas read off the training table, Karras sigmas (Karras et al. 2022, eq. 5), or log-uniform ones."""
+
 FinalSigmas = Literal["zero", "sigma_min"]
 """Where the last step of a sigma-based sampler lands: on clean data, or on the smallest trained sigma."""
 
@@ -155,6 +158,79 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     low = np.cumsum(above, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
     return np.asarray((1 - w) * low + w * (low + 1))
+
+
+def sigma_table(alphas_cumprod: torch.Tensor, *, zero_terminal_snr: bool = False) -> np.ndarray:
+    """``sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` for ``t = 0 .. N-1`` (ascending), float32.
+
+    With ``zero_terminal_snr`` the last sigma would be infinite; it is kept finite but huge.
+    """
+    if zero_terminal_snr:
+        alphas_cumprod = alphas_cumprod.clone()
+        alphas_cumprod[-1] = 2**-24
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+
+
+def sigma_spacing(scheduler: str, *, karras: bool, exponential: bool, beta: bool) -> SigmaSpacing:
+    """The sigma spacing diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
+    ``use_beta_sigmas`` flags select; at most one may be set, and beta sigmas (Lee et al. 2024,
+    computed with scipy in diffusers) are not implemented."""
+    if karras + exponential + beta > 1:
+        raise InvalidArgumentError(
+            f"{scheduler}: use at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas"
+        )
+    if beta:
+        raise InvalidArgumentError(f"{scheduler}: use_beta_sigmas is not implemented")
+    return "karras" if karras else "exponential" if exponential else "table"
+
+
+def respaced_sigmas(
+    spacing: SigmaSpacing, sigma_min: float, sigma_max: float, count: int
+) -> np.ndarray | None:
+    """``count`` Karras or log-uniform sigmas from ``sigma_max`` down to ``sigma_min``; None for ``table``."""
+    if spacing == "karras":
+        return karras_sigmas(sigma_min, sigma_max, count)
+    if spacing == "exponential":
+        return exponential_sigmas(sigma_min, sigma_max, count)
+    return None
+
+
+def interpolated_schedule(
+    timesteps: np.ndarray,
+    table: np.ndarray,
+    *,
+    spacing: SigmaSpacing = "table",
+    count: int,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(timesteps, sigmas)`` of the samplers that read sigmas off ``table`` (k-diffusion's discrete schedule).
+
+    Sigmas are interpolated linearly in ``t``; Karras or exponential ``spacing`` replaces them
+    by ``count`` sigmas between the interpolated ends (or ``sigma_min`` / ``sigma_max``) and
+    the timesteps by their fractional positions in the table. Timesteps come back as float32,
+    sigmas as float64 without a final sigma.
+    """
+    sigmas = np.interp(timesteps, np.arange(len(table)), table)
+    respaced = respaced_sigmas(
+        spacing,
+        sigmas[-1] if sigma_min is None else sigma_min,
+        sigmas[0] if sigma_max is None else sigma_max,
+        count,
+    )
+    if respaced is None:
+        return timesteps.astype(np.float32), sigmas
+    return sigma_to_t(respaced, np.log(table)).astype(np.float32), respaced
+
+
+def init_noise_sigma(sigmas: torch.Tensor, timestep_spacing: TimestepSpacing) -> torch.Tensor:
+    """The standard deviation of the starting sample of a sampler working at ``x0 + sigma * eps``.
+
+    The largest sigma; with leading spacing diffusers uses ``sqrt(sigma_max**2 + 1)``, the
+    standard deviation of ``x0 + sigma * eps`` for unit-variance data, and so do we.
+    """
+    top = sigmas.max()
+    return top if timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
 
 def vp_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,12 +487,7 @@ class SigmaScheduler(DiscreteScheduler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.use_karras_sigmas + self.use_exponential_sigmas + self.use_beta_sigmas > 1:
-            raise InvalidArgumentError(
-                f"{self.name}: use at most one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas"
-            )
-        if self.use_beta_sigmas:
-            raise InvalidArgumentError(f"{self.name}: use_beta_sigmas is not implemented")
+        self._sigma_spacing()  # checks the flags
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The float32 noise levels of ``steps`` inference steps, plus the final one."""
@@ -433,25 +504,70 @@ class SigmaScheduler(DiscreteScheduler):
 
     def _sigma_table(self) -> np.ndarray:
         # sigma(t) for t = 0 .. N-1 (ascending), float32 as diffusers computes it.
-        alphas_cumprod = self._alphas_cumprod()
-        if self.rescale_betas_zero_snr:
-            # Zero terminal SNR makes the last sigma infinite; keep it finite but huge.
-            alphas_cumprod = alphas_cumprod.clone()
-            alphas_cumprod[-1] = 2**-24
-        return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+        return sigma_table(self._alphas_cumprod(), zero_terminal_snr=self.rescale_betas_zero_snr)
+
+    def _sigma_spacing(self) -> SigmaSpacing:
+        return sigma_spacing(
+            self.name,
+            karras=self.use_karras_sigmas,
+            exponential=self.use_exponential_sigmas,
+            beta=self.use_beta_sigmas,
+        )
 
     def _respaced(self, sigma_min: float, sigma_max: float, count: int) -> np.ndarray | None:
         # Karras or exponential sigmas between the given ends, or None to keep the table's.
-        if self.use_karras_sigmas:
-            return karras_sigmas(sigma_min, sigma_max, count)
-        if self.use_exponential_sigmas:
-            return exponential_sigmas(sigma_min, sigma_max, count)
-        return None
+        return respaced_sigmas(self._sigma_spacing(), sigma_min, sigma_max, count)
 
     def _with_final_sigma(self, sigmas: np.ndarray, table: np.ndarray) -> torch.Tensor:
         # Append the last noise level and round to float32.
         final = table[0] if self.final_sigmas_type == "sigma_min" else 0.0
         return torch.from_numpy(np.append(sigmas, final).astype(np.float32))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigmaTableScheduler(DiscreteScheduler):
+    """Base of the older k-diffusion-style samplers (Euler ancestral, Heun, LMS), whose diffusers
+    classes lack `SigmaScheduler`'s options: sigmas are read off the training table at the
+    spaced timesteps (Karras or exponential where a subclass has those flags) and end at 0.
+
+    ``x`` lives at scale ``x0 + sigma * eps``; the network sees ``x / sqrt(sigma**2 + 1)``.
+    """
+
+    timestep_spacing: TimestepSpacing = "linspace"
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The float32 noise levels of ``steps`` inference steps, plus the final 0."""
+        self._check_steps(steps)
+        return self._schedule(steps)[1]
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        self._check_steps(steps)
+        return self._schedule(steps)[0]
+
+    def init_noise_sigma(self, steps: int) -> torch.Tensor:
+        """The standard deviation of the starting sample for ``steps`` steps."""
+        self._check_steps(steps)
+        return init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
+
+    def _sigma_spacing(self) -> SigmaSpacing:
+        return "table"
+
+    def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # (float32 timesteps, float32 sigmas with the final 0) for an already checked steps.
+        spaced = spaced_timesteps(
+            self.timestep_spacing,
+            steps,
+            num_train_timesteps=self.num_train_timesteps,
+            steps_offset=self.steps_offset,
+        ).astype(np.float32)
+        # Not every such scheduler has this option (Heun and LMS do not), hence getattr.
+        zero_snr = bool(getattr(self, "rescale_betas_zero_snr", False))
+        table = sigma_table(self._alphas_cumprod(), zero_terminal_snr=zero_snr)
+        timesteps, sigmas = interpolated_schedule(
+            spaced, table, spacing=self._sigma_spacing(), count=steps
+        )
+        final = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+        return torch.from_numpy(self._within_training_range(timesteps)), final
 
 
 # --------------------------------------------------------------------------- helpers

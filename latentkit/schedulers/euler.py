@@ -16,8 +16,9 @@ from latentkit.protocols import Denoiser, Generators, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     SigmaScheduler,
+    init_noise_sigma,
+    interpolated_schedule,
     predicted_x0_ve,
-    sigma_to_t,
     spaced_timesteps,
 )
 
@@ -44,22 +45,21 @@ class Euler(SigmaScheduler):
     """``continuous`` (with ``v_prediction``): the network takes ``0.25 * log(sigma)`` as its timestep."""
 
     def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        timesteps = spaced_timesteps(
+        spaced = spaced_timesteps(
             self.timestep_spacing,
             steps,
             num_train_timesteps=self.num_train_timesteps,
             steps_offset=self.steps_offset,
         ).astype(np.float32)
         table = self._sigma_table()
-        sigmas = np.interp(timesteps, np.arange(len(table)), table)
-        respaced = self._respaced(
-            sigmas[-1] if self.sigma_min is None else self.sigma_min,
-            sigmas[0] if self.sigma_max is None else self.sigma_max,
-            steps,
+        timesteps, sigmas = interpolated_schedule(
+            spaced,
+            table,
+            spacing=self._sigma_spacing(),
+            count=steps,
+            sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max,
         )
-        if respaced is not None:
-            sigmas = respaced
-            timesteps = sigma_to_t(sigmas, np.log(table)).astype(np.float32)
         all_sigmas = self._with_final_sigma(sigmas, table)
         if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
             # One 0-d log at a time, as diffusers does (vectorised log may differ in the last bit).
@@ -69,20 +69,14 @@ class Euler(SigmaScheduler):
     def init_noise_sigma(self, steps: int) -> torch.Tensor:
         """The standard deviation of the starting sample for ``steps`` steps."""
         self._check_steps(steps)
-        return self._init_noise_sigma(self._schedule(steps)[1])
-
-    def _init_noise_sigma(self, sigmas: torch.Tensor) -> torch.Tensor:
-        # The largest sigma; with leading spacing diffusers uses sqrt(sigma_max**2 + 1), the
-        # standard deviation of x0 + sigma * eps for unit-variance data, and so do we.
-        top = sigmas.max()
-        return top if self.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+        return init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
 
     def _sample(
         self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
     ) -> Iterator[SamplerStep]:
         timesteps, sigmas = self._schedule(steps)
         model_timesteps = timesteps.to(noise.device)
-        x = noise * self._init_noise_sigma(sigmas)
+        x = noise * init_noise_sigma(sigmas, self.timestep_spacing)
         for i, sigma in enumerate(sigmas[:-1]):
             output = model(x / ((sigma**2 + 1) ** 0.5), model_timesteps[i])
             # The step is taken in float32 whatever the sample dtype, as diffusers does.
