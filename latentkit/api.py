@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from latentkit.devices import resolve_device, resolve_dtype
+from latentkit.images import ImageInput
 from latentkit.pipeline import StableDiffusion
 from latentkit.protocols import Callback, Scheduler, Seeds
 from latentkit.results import GenerationResult, OutputType
@@ -108,6 +109,9 @@ def generate(
     clip_skip: int | None = None,
     prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
+    image: ImageInput | None = None,
+    mask_image: ImageInput | None = None,
+    strength: float | None = None,
 ) -> GenerationResult:
     """Generate images from a text prompt in one call.
 
@@ -136,6 +140,14 @@ def generate(
             the last (1 = the penultimate layer, as in A1111 and diffusers).
         prompt_embeds: Precomputed text embeddings (batch, tokens, width) instead of ``prompt``.
         negative_prompt_embeds: Precomputed embeddings for the negative prompt, same shape.
+        image: Start from this picture (image-to-image; with ``mask_image``, inpainting): a
+            PIL image, an array (H, W, 3) or tensor (3, H, W) in [0, 1], or a file path. The
+            output has its size (or ``height``/``width``), rounded down to a multiple of 8.
+        mask_image: Where to repaint (white) and what to keep (black); resized to the image.
+            Inpainting models (9 input channels) read it as input; any other model
+            repaints by blending the kept region back after every step.
+        strength: How much of the schedule runs, in [0, 1]: 1 starts from pure noise, small
+            values stay close to ``image``. Default 0.8 for image-to-image, 1.0 for inpainting.
 
     Prompts longer than the text encoder's 77-token window are encoded in chunks and the
     chunks concatenated, never cut; ``(word:1.3)``, ``(word)`` and ``[word]`` weight words as
@@ -166,4 +178,7 @@ def generate(
         clip_skip=clip_skip,
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_prompt_embeds,
+        image=image,
+        mask_image=mask_image,
+        strength=strength,
     )

@@ -47,6 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("-H", "--height", type=int, default=None)
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("-n", "--num-images", type=int, default=1)
+    gen.add_argument(
+        "--image", type=Path, default=None, help="start from this image (image-to-image)"
+    )
+    gen.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        help="inpaint: white = repaint, black = keep (needs --image)",
+    )
+    gen.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="share of the schedule to run with --image, in [0, 1]",
+    )
+    gen.add_argument(
+        "--clip-skip", type=int, default=None, help="use the text encoder's layer N before the last"
+    )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -80,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from latentkit import images
     from latentkit.api import load_pipeline
     from latentkit.errors import InvalidArgumentError
     from latentkit.results import output_paths
@@ -90,6 +109,11 @@ def _generate(args: argparse.Namespace) -> int:
             f"output must be a .png file (it carries the parameters), got {output}"
         )
     output_paths(output, args.num_images, overwrite=args.overwrite)  # fail before loading
+    if args.mask is not None and args.image is None:
+        raise InvalidArgumentError("--mask needs --image (the picture to inpaint)")
+    for what, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is not None:
+            images.open_image(path, what)  # an unreadable file fails before the model loads
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     result = pipe.generate(
         args.prompt,
@@ -102,6 +126,10 @@ def _generate(args: argparse.Namespace) -> int:
         width=args.width,
         num_images=args.num_images,
         progress=not args.quiet,
+        image=args.image,
+        mask_image=args.mask,
+        strength=args.strength,
+        clip_skip=args.clip_skip,
     )
     for path in result.save(output, overwrite=args.overwrite):
         print(path)

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
-from latentkit import schedulers
+from latentkit import images, schedulers
 from latentkit.conditioners.text import PromptTokens, TextConditioner
 from latentkit.devices import resolve_device, resolve_dtype
-from latentkit.errors import InvalidArgumentError
+from latentkit.errors import InvalidArgumentError, UnsupportedModelError
+from latentkit.images import ImageInput
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
 from latentkit.noise import randn
-from latentkit.protocols import Callback, Scheduler, Seeds
+from latentkit.protocols import Callback, Generators, Scheduler, Seeds
 from latentkit.results import (
     OUTPUT_TYPES,
     GenerationParameters,
@@ -33,6 +35,27 @@ from latentkit.results import (
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import AutoencoderKL
     from latentkit.models.unet import UNet2DCondition
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """The image inputs of one call, read and resized (see `latentkit.images`)."""
+
+    pixels: torch.Tensor
+    """(1, 3, H, W) in [-1, 1]."""
+    mask: torch.Tensor | None
+    """(1, 1, H, W): 1 where the image is repainted, 0 where it is kept."""
+    strength: float
+    """How much of the noise schedule runs: 1 starts from pure noise, 0 returns the input."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
+
+    @property
+    def from_noise(self) -> bool:
+        """Inpainting at full strength starts from pure noise (image-to-image never does)."""
+        return self.mask is not None and self.strength == 1.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +176,107 @@ class StableDiffusion:
         size = self.unet.config.sample_size or 64  # Stable Diffusion 1.x: 64 latents, 512 px
         h, w = (size, size) if isinstance(size, int) else size
         return h * self.vae.scale_factor, w * self.vae.scale_factor
+
+    def _image_inputs(
+        self,
+        image: ImageInput | None,
+        mask_image: ImageInput | None,
+        strength: float | None,
+        height: int | None,
+        width: int | None,
+    ) -> ImageInputs | None:
+        """Read and check the image inputs (cheap: before any network runs)."""
+        channels = self.unet.config.in_channels
+        if channels == 5:
+            raise UnsupportedModelError(
+                f"{self.name} is depth-conditioned (in_channels=5); depth-to-image is not supported yet"
+            )
+        if image is None:
+            if mask_image is not None:
+                raise InvalidArgumentError("mask_image needs image= (the picture to inpaint)")
+            if strength is not None:
+                raise InvalidArgumentError(
+                    "strength applies to image-to-image and inpainting: pass image="
+                )
+            if channels == 9:
+                raise InvalidArgumentError(
+                    f"{self.name} is an inpainting model (in_channels=9): pass image= and mask_image="
+                )
+            return None
+        if channels == 9 and mask_image is None:
+            raise InvalidArgumentError(
+                f"{self.name} is an inpainting model (in_channels=9): pass mask_image= with the image"
+            )
+        strength = (0.8 if mask_image is None else 1.0) if strength is None else strength
+        if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise InvalidArgumentError(f"strength must be in [0, 1], got {strength!r}")
+        for label, value in (("height", height), ("width", width)):
+            if value is not None:
+                _check_size(label, value, self.vae.scale_factor)
+        picture = images.open_image(image, "image")
+        size = images.target_size(picture, height, width, self.vae.scale_factor)
+        mask = None
+        if mask_image is not None:
+            mask = images.mask_tensor(images.open_image(mask_image, "mask_image"), size)
+        return ImageInputs(
+            pixels=images.image_tensor(picture, size), mask=mask, strength=float(strength)
+        )
+
+    def _image_latents(
+        self, inputs: ImageInputs, shape: tuple[int, int, int, int], generators: Generators
+    ) -> tuple[
+        torch.Tensor,
+        torch.Tensor | None,
+        torch.Tensor | None,
+        tuple[torch.Tensor, torch.Tensor] | None,
+    ]:
+        """Noise, clean latents to start from, extra UNet channels and the inpainting blend.
+
+        The generator is drawn from in diffusers' order (image latents, noise, masked-image
+        latents), so a seed gives diffusers' image for the same task.
+        """
+        batch = shape[0]
+        pixels = inputs.pixels.to(device=self.device, dtype=self.dtype)
+        inpainting_model = self.unet.config.in_channels == 9
+        known = None
+        if not (inpainting_model and inputs.from_noise):
+            if inputs.mask is None and isinstance(generators, list):
+                pixels_in = pixels.repeat(batch, 1, 1, 1)  # img2img encodes one copy per generator
+            else:
+                pixels_in = pixels
+            known = self._encode(pixels_in, generators)
+            known = known.repeat(batch // known.shape[0], 1, 1, 1)
+        noise = randn(shape, generator=generators, device=self.device, dtype=self.dtype)
+        init = None if inputs.from_noise else known
+        if inputs.mask is None:
+            return noise, init, None, None
+        mask = F.interpolate(inputs.mask, size=shape[-2:]).to(device=self.device, dtype=self.dtype)
+        mask = mask.repeat(batch, 1, 1, 1)
+        masked = pixels * (inputs.mask.to(device=self.device, dtype=self.dtype) < 0.5)
+        if inpainting_model:
+            masked_latents = self._encode(masked, generators)
+            extra = torch.cat(
+                [mask, masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)], dim=1
+            )
+            return noise, init, extra, None
+        # A 4-channel model repaints by blending; diffusers still samples the masked image's
+        # latents here, so draw the same noise to keep a seed's later draws identical.
+        first = generators[0] if isinstance(generators, list) else generators
+        randn((1, *shape[1:]), generator=first, device=self.device, dtype=self.dtype)
+        assert known is not None
+        return noise, init, None, (mask, known)
+
+    def _encode(self, pixels: torch.Tensor, generators: Generators) -> torch.Tensor:
+        """Scaled latents of ``pixels``, sampled from the posterior as diffusers does: one
+        image per generator when there is a list of them."""
+        if isinstance(generators, Sequence):
+            return torch.cat(
+                [
+                    self.vae.encode(pixels[i : i + 1], generator=generators[i])
+                    for i in range(pixels.shape[0])
+                ]
+            )
+        return self.vae.encode(pixels, generator=generators)
 
     def _check_prompts(
         self,
@@ -278,12 +402,18 @@ class StableDiffusion:
         clip_skip: int | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        strength: float | None = None,
     ) -> GenerationResult:
         """Generate images for ``prompt``; see `latentkit.generate` for the keywords."""
         guided = guidance_scale > 1.0
         prompts, negatives = self._check_prompts(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided
         )
+        inputs = self._image_inputs(image, mask_image, strength, height, width)
+        if inputs is not None:
+            height, width = inputs.size
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         _check_generate_args(
@@ -300,21 +430,14 @@ class StableDiffusion:
         batch = len(prompts) * num_images
         seeds = _seeds(seed, batch)
         sched = self.resolve_scheduler(scheduler)
+        start = (
+            0 if inputs is None or inputs.from_noise else sched.start_index(steps, inputs.strength)
+        )
 
         # The text embeddings: each prompt repeated num_images times, negatives first for CFG.
         context = self._text_context(
             prompts, negatives, prompt_embeds, negative_prompt_embeds, guided, clip_skip
         ).repeat_interleave(num_images, dim=0)  # rows stay grouped: [negatives; prompts]
-
-        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not guided:
-                return self.unet(x, t, context)  # type: ignore[no-any-return]
-            out_uncond, out_text = self.unet(torch.cat([x, x]), t, context).chunk(2)
-            # Classifier-free guidance, Ho & Salimans 2022 eq. 6.
-            out = out_uncond + guidance_scale * (out_text - out_uncond)
-            return (
-                rescale_guidance(out, out_text, guidance_rescale) if guidance_rescale > 0 else out
-            )
 
         generators: list[torch.Generator] | torch.Generator
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -326,15 +449,54 @@ class StableDiffusion:
             height // self.vae.scale_factor,
             width // self.vae.scale_factor,
         )
-        noise = randn(shape, generator=generators, device=self.device, dtype=self.dtype)
+        if inputs is None:
+            noise = randn(shape, generator=generators, device=self.device, dtype=self.dtype)
+            init = extra = blend = None
+        else:
+            noise, init, extra, blend = self._image_latents(inputs, shape, generators)
+        if extra is not None and guided:
+            extra = torch.cat([extra, extra])
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = torch.cat([x, x]) if guided else x
+            if extra is not None:  # inpainting models read mask and masked image as channels
+                x_in = torch.cat([x_in, extra], dim=1)
+            out: torch.Tensor = self.unet(x_in, t, context)
+            if not guided:
+                return out
+            out_uncond, out_text = out.chunk(2)
+            # Classifier-free guidance, Ho & Salimans 2022 eq. 6.
+            out = out_uncond + guidance_scale * (out_text - out_uncond)
+            return (
+                rescale_guidance(out, out_text, guidance_rescale) if guidance_rescale > 0 else out
+            )
 
         from tqdm.auto import tqdm
 
-        total = len(sched.timesteps(steps))
+        run = sched.sample(model, noise, steps=steps, generator=generators, start=start, init=init)
         latents = noise
-        with tqdm(total=total, disable=not progress, desc="denoising", leave=False) as bar:
-            for step in sched.sample(model, noise, steps=steps, generator=generators):
+        replacement: torch.Tensor | None = None
+        with tqdm(
+            total=len(sched.timesteps(steps)) - start,
+            disable=not progress,
+            desc="denoising",
+            leave=False,
+        ) as bar:
+            while True:
+                try:
+                    step = run.send(replacement)
+                except StopIteration:
+                    break
                 latents = step.sample
+                if blend is not None:
+                    # Keep the known region: the original latents, noised to the level the
+                    # sampler has reached, outside the mask (the last step keeps them clean).
+                    mask, known = blend
+                    following = start + step.index + 1
+                    if step.index < step.total - 1:
+                        known = sched.noised(known, noise, steps=steps, index=following)
+                    latents = replacement = (1 - mask) * known + mask * latents
+                    step = dataclasses.replace(step, sample=latents)
                 bar.update(1)
                 if callback is not None:
                     callback(step)
@@ -354,6 +516,7 @@ class StableDiffusion:
                 width=width,
                 height=height,
                 model=self.name,
+                strength=None if inputs is None else inputs.strength,
             )
             for i in range(batch)
         ]
@@ -408,12 +571,8 @@ def _check_generate_args(
 ) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise InvalidArgumentError(f"steps must be an int ≥ 1, got {steps!r}")
-    for label, size in (("height", height), ("width", width)):
-        if not isinstance(size, int) or size <= 0 or size % factor:
-            raise InvalidArgumentError(
-                f"{label} must be a positive multiple of {factor} (the autoencoder's downsampling "
-                f"factor), got {size!r}; try {max(factor, size // factor * factor) if isinstance(size, int) else 512}"
-            )
+    _check_size("height", height, factor)
+    _check_size("width", width, factor)
     if not isinstance(num_images, int) or num_images < 1:
         raise InvalidArgumentError(f"num_images must be an int ≥ 1, got {num_images!r}")
     if guidance_scale < 0:
@@ -426,6 +585,15 @@ def _check_generate_args(
         )
     if callback is not None and not callable(callback):
         raise InvalidArgumentError("callback must be callable")
+
+
+def _check_size(label: str, size: int, factor: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % factor:
+        hint = max(factor, size // factor * factor) if isinstance(size, int) else 512
+        raise InvalidArgumentError(
+            f"{label} must be a positive multiple of {factor} (the autoencoder's downsampling "
+            f"factor), got {size!r}; try {hint}"
+        )
 
 
 if TYPE_CHECKING:

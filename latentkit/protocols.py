@@ -8,7 +8,7 @@ Anything with these methods and attributes plugs in; nothing needs to inherit fr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -46,13 +46,23 @@ class SamplerStep:
     """What a sampling loop yields after each network evaluation."""
 
     index: int
-    """0-based position in the loop."""
+    """0-based position in this run (a run that starts part-way counts from 0 too)."""
     total: int
-    """Number of network evaluations the loop makes (``len(scheduler.timesteps(steps))``)."""
+    """Network evaluations this run makes (``len(scheduler.timesteps(steps)) - start``)."""
     timestep: torch.Tensor
     """The model timestep just evaluated."""
     sample: torch.Tensor
     """The latents after this step; the final step's sample is the result."""
+
+
+SamplerRun = Generator[SamplerStep, torch.Tensor | None, None]
+"""A sampling loop: yields a `SamplerStep` after every network evaluation.
+
+``next(run)`` (or ``run.send(None)``) continues from the step's sample; ``run.send(x)``
+continues from ``x`` instead, as diffusers' pipelines do when they replace ``latents`` between
+``scheduler.step`` calls (inpainting with an ordinary 4-channel model keeps the known region
+so). A tensor sent after the last step ends the run like ``next``.
+"""
 
 
 @runtime_checkable
@@ -73,6 +83,23 @@ class Scheduler(Protocol):
         """The model timesteps evaluated for ``steps`` inference steps, in sampling order."""
         ...
 
+    def start_index(self, steps: int, strength: float) -> int:
+        """The position in ``timesteps(steps)`` where image-to-image with ``strength`` starts.
+
+        As diffusers' img2img ``get_timesteps``: ``int(steps * strength)`` steps are run (all
+        of them for ``strength=1``); the skipped ones are counted in network evaluations
+        (diffusers' ``scheduler.order`` per step: 2 for Heun, else 1).
+        Raises `InvalidArgumentError` for a strength outside ``[0, 1]`` or one that leaves no step.
+        """
+        ...
+
+    def noised(
+        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
+    ) -> torch.Tensor:
+        """Clean latents ``x0`` noised with ``noise`` to the level of position ``index`` of
+        ``timesteps(steps)``, in this scheduler's own state space (diffusers' ``add_noise``)."""
+        ...
+
     def sample(
         self,
         model: Denoiser,
@@ -80,8 +107,16 @@ class Scheduler(Protocol):
         *,
         steps: int,
         generator: Generators = None,
-    ) -> Iterator[SamplerStep]:
-        """Sample from unit Gaussian ``noise``, yielding after every network evaluation."""
+        start: int = 0,
+        init: torch.Tensor | None = None,
+    ) -> SamplerRun:
+        """Sample from unit Gaussian ``noise``, yielding after every network evaluation.
+
+        With ``init`` (clean latents, image-to-image), the run starts at position ``start`` of
+        ``timesteps(steps)`` (see `start_index`) from ``noised(init, noise, steps=steps,
+        index=start)``, with fresh solver state; ``start`` must be 0 without ``init``.
+        The run is a `SamplerRun`: ``send`` a tensor to replace the sample between steps.
+        """
         ...
 
     def to_config(self) -> dict[str, Any]:

@@ -29,14 +29,17 @@ class GenerationParameters:
     width: int
     height: int
     model: str
+    strength: float | None = None
+    """Denoising strength of image-to-image and inpainting (None for text-to-image)."""
 
     def a1111(self) -> str:
         """The ``parameters`` text A1111-compatible tools read from a PNG."""
+        strength = "" if self.strength is None else f", Denoising strength: {self.strength:g}"
         return (
             f"{self.prompt}\n"
             f"Negative prompt: {self.negative_prompt}\n"
             f"Steps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance_scale:g}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}"
+            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}{strength}"
         )
 
 

@@ -23,3 +23,8 @@ def sd1_path(models_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def sd2_path(models_root: Path) -> Path:
     return tiny_models.save_pipeline("sd2", models_root)
+
+
+@pytest.fixture(scope="session")
+def inpaint_path(models_root: Path) -> Path:
+    return tiny_models.save_pipeline("inpaint", models_root)

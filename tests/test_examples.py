@@ -24,6 +24,7 @@ EXAMPLES = {
         "scheduler-ddim-eta0.5.png",
     ],
     "progress_callback.py": ["progress_callback.png"],
+    "image_to_image.py": ["image_to_image.png", "inpainting.png"],
 }
 
 

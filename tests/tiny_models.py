@@ -152,7 +152,7 @@ def vae_kwargs() -> dict[str, Any]:
 
 
 def build_pipeline(kind: str) -> Any:
-    """A diffusers ``StableDiffusionPipeline`` with random tiny weights: ``"sd1"`` or ``"sd2"``."""
+    """A diffusers pipeline with random tiny weights: ``"sd1"``, ``"sd2"`` or ``"inpaint"``."""
     import tempfile
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -160,12 +160,15 @@ def build_pipeline(kind: str) -> Any:
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        pad = "<|endoftext|>" if kind == "sd1" else "!"
+        pad = "!" if kind == "sd2" else "<|endoftext|>"
         vocab_size = write_tokenizer(Path(tmp), pad_token=pad)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     torch.manual_seed(0)
-    if kind == "sd1":
-        unet = UNet2DConditionModel(**sd1_unet_kwargs())
+    if kind in ("sd1", "inpaint"):
+        # "inpaint": SD 1.x inpainting, whose UNet reads latents, mask and masked image (9 channels).
+        unet = UNet2DConditionModel(
+            **{**sd1_unet_kwargs(), "in_channels": 9 if kind == "inpaint" else 4}
+        )
         text_encoder = _text_encoder(32, vocab_size)
         scheduler: Any = PNDMScheduler.from_config(SD15_SCHEDULER)
     elif kind == "sd2":
@@ -179,7 +182,10 @@ def build_pipeline(kind: str) -> Any:
     # Random weights make tiny outputs: scale the output convs up so images are not all grey.
     with torch.no_grad():
         unet.conv_out.weight.mul_(5.0)
-    return StableDiffusionPipeline(
+    from diffusers import StableDiffusionInpaintPipeline
+
+    cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionPipeline
+    return cls(
         vae=vae.eval(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,

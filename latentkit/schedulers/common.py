@@ -15,7 +15,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from latentkit.errors import InvalidArgumentError
-from latentkit.protocols import Denoiser, Generators, PredictionType, SamplerStep
+from latentkit.protocols import Denoiser, Generators, PredictionType, SamplerRun
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 """How betas rise over training: linearly, linearly in sqrt (Stable Diffusion), or cosine."""
@@ -239,6 +239,28 @@ def vp_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return alpha, sigma * alpha
 
 
+def ve_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``x0 + sigma * noise``: the sample of a sampler working at that scale (diffusers' ``add_noise``).
+
+    ``sigma`` is rounded to ``x0``'s dtype first, as diffusers does.
+    """
+    return x0 + noise * sigma.to(device=x0.device, dtype=x0.dtype)
+
+
+def resumed(sent: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor:
+    """What a sampling loop continues from after yielding ``sample``: the tensor its caller sent
+    with ``send`` (see `latentkit.protocols.SamplerRun`), else ``sample`` itself."""
+    if sent is None:
+        return sample
+    if not isinstance(sent, torch.Tensor) or sent.shape != sample.shape:
+        got = tuple(sent.shape) if isinstance(sent, torch.Tensor) else type(sent).__name__
+        raise InvalidArgumentError(
+            f"a sampling loop can only continue from a tensor of its sample's shape "
+            f"{tuple(sample.shape)}, got {got}"
+        )
+    return sent
+
+
 # --------------------------------------------------------------------------- model outputs
 
 
@@ -334,6 +356,9 @@ class DiscreteScheduler(abc.ABC):
     name: ClassVar[str]
     diffusers_names: ClassVar[tuple[str, ...]]
     """diffusers class names this scheduler reproduces; the first is written by `to_config`."""
+    evaluations_per_step: ClassVar[int] = 1
+    """Network evaluations per inference step: diffusers' ``scheduler.order`` (2 for Heun),
+    named apart from LMS's ``order`` option."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -369,6 +394,44 @@ class DiscreteScheduler(abc.ABC):
     def timesteps(self, steps: int) -> torch.Tensor:
         """The model timesteps evaluated for ``steps`` inference steps, in sampling order."""
 
+    def start_index(self, steps: int, strength: float) -> int:
+        """The position in ``timesteps(steps)`` where image-to-image with ``strength`` starts.
+
+        As diffusers' img2img ``get_timesteps``: ``int(steps * strength)`` steps are run (all
+        of them for ``strength=1``), so the first ``steps - int(steps * strength)`` steps,
+        ``evaluations_per_step`` evaluations each, are skipped.
+        """
+        self._check_steps(steps)
+        if isinstance(strength, bool) or not isinstance(strength, int | float):
+            raise InvalidArgumentError(f"strength must be a number, got {type(strength).__name__}")
+        if not 0 <= strength <= 1:
+            raise InvalidArgumentError(f"strength must be between 0 and 1, got {strength}")
+        run = min(int(steps * strength), steps)
+        if run == 0:
+            fewest = math.ceil(1 / strength) if strength > 0 else None
+            if fewest is not None and int(fewest * strength) < 1:
+                fewest += 1  # float rounding of the product
+            fix = f"use a strength of at least 1/{steps}" + (
+                f" or at least {fewest} steps" if fewest is not None else ""
+            )
+            raise InvalidArgumentError(
+                f"{self.name}: strength={strength} with {steps} steps leaves no step to run "
+                f"(int(steps * strength) = 0); {fix}"
+            )
+        start = (steps - run) * self.evaluations_per_step
+        self._check_start(steps, start)
+        return start
+
+    def noised(
+        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
+    ) -> torch.Tensor:
+        """``x0`` noised to the level of position ``index`` of ``timesteps(steps)``: the forward
+        process ``sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * noise`` (Ho et al. 2020,
+        eq. 4) at that timestep, as diffusers' ``add_noise``."""
+        timesteps = self.timesteps(steps)
+        self._check_index(index, len(timesteps))
+        return self.add_noise(x0, noise, timesteps[index : index + 1])
+
     def sample(
         self,
         model: Denoiser,
@@ -376,13 +439,34 @@ class DiscreteScheduler(abc.ABC):
         *,
         steps: int,
         generator: Generators = None,
-    ) -> Iterator[SamplerStep]:
+        start: int = 0,
+        init: torch.Tensor | None = None,
+    ) -> SamplerRun:
         """Sample from unit Gaussian ``noise``, yielding after every network evaluation.
 
-        Arguments are checked here, before the first ``next()``.
+        With ``init``, start at position ``start`` from ``noised(init, noise, ...)`` (see
+        `latentkit.protocols.Scheduler.sample`). Arguments are checked here, before the
+        first ``next()``.
         """
         self._check_steps(steps)
-        return self._sample(model, noise, steps, generator)
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise InvalidArgumentError(f"start must be an int, got {type(start).__name__}")
+        if init is None:
+            if start != 0:
+                raise InvalidArgumentError(
+                    f"{self.name}: start={start} needs init, the clean latents to noise to that "
+                    "position (see start_index)"
+                )
+            return self._sample(model, self._initial_sample(noise, steps), steps, generator, 0)
+        if init.shape != noise.shape:
+            raise InvalidArgumentError(
+                f"init has shape {tuple(init.shape)} but noise has {tuple(noise.shape)}; "
+                "give one of each per image"
+            )
+        self._check_index(start, len(self.timesteps(steps)))
+        self._check_start(steps, start)
+        x = self.noised(init, noise, steps=steps, index=start)
+        return self._sample(model, x, steps, generator, start)
 
     def to_config(self) -> dict[str, Any]:
         """The diffusers-style config (``_class_name`` plus every option) that recreates this scheduler."""
@@ -423,9 +507,32 @@ class DiscreteScheduler(abc.ABC):
 
     @abc.abstractmethod
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
-        """The sampling loop, for an already checked ``steps``."""
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
+        """The sampling loop from sample ``x`` at position ``start``, for checked arguments.
+
+        Solver state (histories, counters) starts empty whatever ``start``; anything that
+        depends on the position uses the absolute one. After each ``yield``, continue from
+        ``resumed(sent, sample)``.
+        """
+
+    def _initial_sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        # The starting sample of a full run from unit Gaussian noise.
+        return noise
+
+    def _check_start(self, steps: int, start: int) -> None:
+        # Refuse a start position this scheduler cannot begin at (start is in range).
+        if start % self.evaluations_per_step:
+            raise InvalidArgumentError(
+                f"{self.name}: start must be a multiple of {self.evaluations_per_step} "
+                f"(the evaluations per step), got {start}; use start_index"
+            )
+
+    def _check_index(self, index: int, count: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise InvalidArgumentError(
+                f"{self.name}: position {index!r} is not in timesteps(steps); use 0 to {count - 1}"
+            )
 
     def _alphas_cumprod(self) -> torch.Tensor:
         # The shared cached table: read it, never write to it.
@@ -502,6 +609,12 @@ class SigmaScheduler(DiscreteScheduler):
     def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(timesteps, sigmas)`` for an already checked ``steps``; sigmas has one more entry."""
 
+    @abc.abstractmethod
+    def noised(
+        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
+    ) -> torch.Tensor:
+        """``x0`` noised to ``sigmas(steps)[index]`` in the subclass's state space."""
+
     def _sigma_table(self) -> np.ndarray:
         # sigma(t) for t = 0 .. N-1 (ascending), float32 as diffusers computes it.
         return sigma_table(self._alphas_cumprod(), zero_terminal_snr=self.rescale_betas_zero_snr)
@@ -548,6 +661,17 @@ class SigmaTableScheduler(DiscreteScheduler):
         """The standard deviation of the starting sample for ``steps`` steps."""
         self._check_steps(steps)
         return init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
+
+    def noised(
+        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
+    ) -> torch.Tensor:
+        """``x0 + sigma * noise`` at ``sigma = sigmas(steps)[index]`` (diffusers' ``add_noise``)."""
+        sigmas = self.sigmas(steps)
+        self._check_index(index, len(sigmas) - 1)
+        return ve_noised(x0, noise, sigmas[index])
+
+    def _initial_sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        return noise * init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
 
     def _sigma_spacing(self) -> SigmaSpacing:
         return "table"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,13 +10,14 @@ import torch
 
 from latentkit.errors import InvalidArgumentError
 from latentkit.noise import randn
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     DiscreteScheduler,
     dynamic_threshold,
     predicted_eps,
     predicted_x0,
+    resumed,
     spaced_timesteps,
 )
 
@@ -63,15 +63,15 @@ class DDIM(DiscreteScheduler):
         return torch.from_numpy(self._within_training_range(np.round(spaced).astype(np.int64)))
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps = self.timesteps(steps)
-        model_timesteps = timesteps.to(noise.device)
+        model_timesteps = timesteps.to(x.device)
         alphas_cumprod = self._alphas_cumprod()
         final_alpha_cumprod = torch.tensor(1.0) if self.set_alpha_to_one else alphas_cumprod[0]
         jump = self.num_train_timesteps // steps
-        x = noise
-        for i, t in enumerate(timesteps.tolist()):
+        total = len(timesteps) - start
+        for i, t in enumerate(timesteps.tolist()[start:], start):
             output = model(x, model_timesteps[i])
             a_t = alphas_cumprod[t]
             a_prev = alphas_cumprod[t - jump] if t - jump >= 0 else final_alpha_cumprod
@@ -91,4 +91,4 @@ class DDIM(DiscreteScheduler):
                 x = x + std * randn(
                     output.shape, generator=generator, device=output.device, dtype=output.dtype
                 )
-            yield SamplerStep(i, len(timesteps), model_timesteps[i], x)
+            x = resumed((yield SamplerStep(i - start, total, model_timesteps[i], x)), x)

@@ -7,7 +7,6 @@ jumping between the spaced timesteps; with ``fixed_small`` variance this is DDIM
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -16,12 +15,13 @@ import torch
 
 from latentkit.errors import InvalidArgumentError
 from latentkit.noise import randn
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     DiscreteScheduler,
     dynamic_threshold,
     predicted_x0,
+    resumed,
     spaced_timesteps,
 )
 
@@ -67,14 +67,14 @@ class DDPM(DiscreteScheduler):
         return torch.from_numpy(self._within_training_range(np.round(spaced).astype(np.int64)))
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps = self.timesteps(steps)
-        model_timesteps = timesteps.to(noise.device)
+        model_timesteps = timesteps.to(x.device)
         alphas_cumprod = self._alphas_cumprod()
         one = torch.tensor(1.0)
-        x = noise
-        for i, t in enumerate(timesteps.tolist()):
+        total = len(timesteps) - start
+        for i, t in enumerate(timesteps.tolist()[start:], start):
             output = model(x, model_timesteps[i])
             learned: torch.Tensor | None = None
             if self.variance_type in ("learned", "learned_range"):
@@ -103,7 +103,7 @@ class DDPM(DiscreteScheduler):
                     output.shape, generator=generator, device=output.device, dtype=output.dtype
                 )
                 x = x + self._std(a_t, a_prev, beta_t, learned) * fresh
-            yield SamplerStep(i, len(timesteps), model_timesteps[i], x)
+            x = resumed((yield SamplerStep(i - start, total, model_timesteps[i], x)), x)
 
     def _std(
         self,

@@ -16,7 +16,7 @@ single-step solver (`latentkit.schedulers.dpm_solver_singlestep`) reuses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -25,13 +25,14 @@ import torch
 
 from latentkit.errors import InvalidArgumentError, UnsupportedModelError
 from latentkit.noise import randn
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     SigmaScheduler,
     dynamic_threshold,
     predicted_eps,
     predicted_x0,
+    resumed,
     sigma_to_t,
     spaced_timesteps,
     vp_coefficients,
@@ -248,6 +249,16 @@ class LogSNRSolver(SigmaScheduler):
         timesteps = self._within_training_range(spaced.astype(np.int64))
         return torch.from_numpy(timesteps), self._with_final_sigma(sigmas, table)
 
+    def noised(
+        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
+    ) -> torch.Tensor:
+        """``alpha_t * x0 + sigma_t * noise`` at ``sigmas(steps)[index] = sigma_t / alpha_t``
+        (diffusers' ``add_noise``)."""
+        sigmas = self.sigmas(steps)
+        self._check_index(index, len(sigmas) - 1)
+        alpha, sigma = vp_coefficients(sigmas[index].to(device=x0.device, dtype=x0.dtype))
+        return alpha * x0 + sigma * noise
+
     def _last_timestep(self) -> int:
         # One past the last timestep the schedule may use.
         return self.num_train_timesteps
@@ -375,19 +386,19 @@ class Multistep(DPMSolverBase):
         return self.beta_schedule != "squaredcos_cap_v2"
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps, sigmas = self._schedule(steps)
         points = log_snr_points(sigmas)
-        model_timesteps = timesteps.to(noise.device)
+        model_timesteps = timesteps.to(x.device)
         total = len(timesteps)
         few = self.lower_order_final and total < 15
-        x = noise
+        dtype = x.dtype
         estimates: list[torch.Tensor] = []  # newest last
-        for i in range(total):
+        for i in range(start, total):
             output = model(x, model_timesteps[i])
             estimates = [*estimates, self._estimate(output, x, sigmas[i])][-self.solver_order :]
-            order = min(self.solver_order, i + 1)
+            order = min(self.solver_order, len(estimates))
             if i == total - 1 and (self.euler_at_final or few or self.final_sigmas_type == "zero"):
                 order = 1  # the last step lands on sigma = 0 (lambda = inf) or is lowered
             elif i == total - 2 and few:
@@ -407,8 +418,8 @@ class Multistep(DPMSolverBase):
                 d,
                 midpoint=order == 2 and self.solver_type == "midpoint",
                 noise=z,
-            ).to(noise.dtype)
-            yield SamplerStep(i, total, model_timesteps[i], x)
+            ).to(dtype)
+            x = resumed((yield SamplerStep(i - start, total - start, model_timesteps[i], x)), x)
 
 
 @register("dpm-solver")

@@ -4,16 +4,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from latentkit.noise import randn
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
-from latentkit.schedulers.common import TimestepSpacing
+from latentkit.schedulers.common import TimestepSpacing, resumed
 from latentkit.schedulers.dpm_solver import (
     DPMSolverBase,
     Point,
@@ -100,16 +100,16 @@ class DPMSolverSinglestep(DPMSolverBase):
         return orders
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps, sigmas = self._schedule(steps)
         points = log_snr_points(sigmas)
-        model_timesteps = timesteps.to(noise.device)
+        model_timesteps = timesteps.to(x.device)
         total = len(timesteps)
         orders = self.orders(total)
-        x = start = noise
+        cycle_start = x
         estimates: list[torch.Tensor] = []  # newest last
-        for i in range(total):
+        for i in range(start, total):
             output = model(x, model_timesteps[i])
             estimates = [*estimates, self._estimate(output, x, sigmas[i])][-self.solver_order :]
             z = None
@@ -117,23 +117,25 @@ class DPMSolverSinglestep(DPMSolverBase):
                 # Drawn every step in the estimate's dtype (as diffusers does).
                 m = estimates[-1]
                 z = randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
-            order = orders[i]
+            # A run started part-way cannot use more estimates than it has made, so its
+            # first cycle is lowered (as diffusers does).
+            order = min(orders[i], len(estimates))
             if order == 1:
-                start = x  # a new cycle starts here
+                cycle_start = x  # a new cycle starts here
             d, midpoint = singlestep_differences(
                 estimates[-order:], points[i - order + 1 : i + 2], heun=self.solver_type == "heun"
             )
             # No float32 upcast here: diffusers' single-step class computes in the sample dtype.
             x = exponential_step(
                 self.algorithm_type,
-                start,
+                cycle_start,
                 points[i - order + 1],
                 points[i + 1],
                 d,
                 midpoint=midpoint,
                 noise=z,
             )
-            yield SamplerStep(i, total, model_timesteps[i], x)
+            x = resumed((yield SamplerStep(i - start, total - start, model_timesteps[i], x)), x)
 
 
 __all__ = ["DPMSolverSinglestep", "singlestep_differences"]

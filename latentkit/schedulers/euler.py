@@ -5,21 +5,22 @@ The Stable Diffusion 2 and SDXL default (diffusers' ``EulerDiscreteScheduler``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     SigmaScheduler,
     init_noise_sigma,
     interpolated_schedule,
     predicted_x0_ve,
+    resumed,
     spaced_timesteps,
+    ve_noised,
 )
 
 
@@ -71,17 +72,28 @@ class Euler(SigmaScheduler):
         self._check_steps(steps)
         return init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
 
+    def noised(
+        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
+    ) -> torch.Tensor:
+        """``x0 + sigma * noise`` at ``sigma = sigmas(steps)[index]`` (diffusers' ``add_noise``)."""
+        sigmas = self.sigmas(steps)
+        self._check_index(index, len(sigmas) - 1)
+        return ve_noised(x0, noise, sigmas[index])
+
+    def _initial_sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        return noise * init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
+
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps, sigmas = self._schedule(steps)
-        model_timesteps = timesteps.to(noise.device)
-        x = noise * init_noise_sigma(sigmas, self.timestep_spacing)
-        for i, sigma in enumerate(sigmas[:-1]):
+        model_timesteps = timesteps.to(x.device)
+        dtype, total = x.dtype, len(timesteps) - start
+        for i, sigma in enumerate(sigmas[start:-1], start):
             output = model(x / ((sigma**2 + 1) ** 0.5), model_timesteps[i])
             # The step is taken in float32 whatever the sample dtype, as diffusers does.
             x32 = x.float()
             x0 = predicted_x0_ve(self.prediction_type, output, x32, sigma=sigma)
             derivative = (x32 - x0) / sigma  # dx/dsigma (Karras et al. 2022, Alg. 1, line 4)
-            x = (x32 + derivative * (sigmas[i + 1] - sigma)).to(noise.dtype)
-            yield SamplerStep(i, len(timesteps), model_timesteps[i], x)
+            x = (x32 + derivative * (sigmas[i + 1] - sigma)).to(dtype)
+            x = resumed((yield SamplerStep(i - start, total, model_timesteps[i], x)), x)

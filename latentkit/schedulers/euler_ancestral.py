@@ -8,16 +8,15 @@ fresh noise of standard deviation ``sigma_up``, so that the result has the margi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 
 from latentkit.noise import randn
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
-from latentkit.schedulers.common import SigmaTableScheduler, init_noise_sigma, predicted_x0_ve
+from latentkit.schedulers.common import SigmaTableScheduler, predicted_x0_ve, resumed
 
 
 @register("euler-ancestral")
@@ -32,12 +31,12 @@ class EulerAncestral(SigmaTableScheduler):
     rescale_betas_zero_snr: bool = False
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps, sigmas = self._schedule(steps)
-        model_timesteps = timesteps.to(noise.device)
-        x = noise * init_noise_sigma(sigmas, self.timestep_spacing)
-        for i, sigma in enumerate(sigmas[:-1]):
+        model_timesteps = timesteps.to(x.device)
+        total = len(timesteps) - start
+        for i, sigma in enumerate(sigmas[start:-1], start):
             output = model(x / ((sigma**2 + 1) ** 0.5), model_timesteps[i])
             # The step is taken in float32 whatever the sample dtype, as diffusers does.
             x32 = x.float()
@@ -54,4 +53,4 @@ class EulerAncestral(SigmaTableScheduler):
                 output.shape, generator=generator, device=output.device, dtype=output.dtype
             )
             x = (x32 + fresh * sigma_up).to(output.dtype)
-            yield SamplerStep(i, len(timesteps), model_timesteps[i], x)
+            x = resumed((yield SamplerStep(i - start, total, model_timesteps[i], x)), x)

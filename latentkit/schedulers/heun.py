@@ -4,19 +4,18 @@ i.e. Algorithm 2 without churn), diffusers' ``HeunDiscreteScheduler``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     SigmaSpacing,
     SigmaTableScheduler,
-    init_noise_sigma,
     predicted_x0_ve,
+    resumed,
     sigma_spacing,
 )
 
@@ -33,6 +32,7 @@ class Heun(SigmaTableScheduler):
 
     name: ClassVar[str] = "heun"
     diffusers_names: ClassVar[tuple[str, ...]] = ("HeunDiscreteScheduler",)
+    evaluations_per_step: ClassVar[int] = 2
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
@@ -65,11 +65,11 @@ class Heun(SigmaTableScheduler):
         )
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps, sigmas = self._schedule(steps)
-        model_timesteps = timesteps.to(noise.device)
-        total = 2 * len(timesteps) - 1
+        model_timesteps = timesteps.to(x.device)
+        total = 2 * len(timesteps) - 1 - start
         evaluation = 0
 
         def slope(x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -80,19 +80,21 @@ class Heun(SigmaTableScheduler):
                 x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
             return (x - x0) / sigma
 
-        x = noise * init_noise_sigma(sigmas, self.timestep_spacing)
-        for i in range(len(timesteps)):
+        for i in range(start // 2, len(timesteps)):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             dt = sigma_next - sigma
             d = slope(x, sigma, model_timesteps[i])
             x_euler = x + d * dt  # Alg. 1, line 5
-            yield SamplerStep(evaluation, total, model_timesteps[i], x_euler)
+            step = SamplerStep(evaluation, total, model_timesteps[i], x_euler)
+            # A replaced x_euler only changes where the correction's slope is taken; the
+            # correction starts from x, as diffusers' second-order step does.
+            x_euler = resumed((yield step), x_euler)
             evaluation += 1
             if i == len(timesteps) - 1:
                 break  # sigma_next = 0: no correction (Alg. 1, line 6)
             d_next = slope(x_euler, sigma_next, model_timesteps[i + 1])
             x = x + (d + d_next) / 2 * dt  # the trapezoidal rule (Alg. 1, lines 7-8)
-            yield SamplerStep(evaluation, total, model_timesteps[i + 1], x)
+            x = resumed((yield SamplerStep(evaluation, total, model_timesteps[i + 1], x)), x)
             evaluation += 1
 
 

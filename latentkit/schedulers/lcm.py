@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,13 +10,14 @@ import torch
 
 from latentkit.errors import InvalidArgumentError
 from latentkit.noise import randn
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     BetaSchedule,
     DiscreteScheduler,
     dynamic_threshold,
     predicted_x0,
+    resumed,
 )
 
 SIGMA_DATA = 0.5
@@ -81,13 +81,13 @@ class LCM(DiscreteScheduler):
         return torch.from_numpy(distilled[picked.astype(np.int64)])
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps = self.timesteps(steps)
-        model_timesteps = timesteps.to(noise.device)
+        model_timesteps = timesteps.to(x.device)
         alphas_cumprod = self._alphas_cumprod()
-        x = noise
-        for i, t in enumerate(timesteps):
+        total = len(timesteps) - start
+        for i, t in enumerate(timesteps[start:], start):
             output = model(x, model_timesteps[i])
             a_t = alphas_cumprod[t]
             x0 = predicted_x0(
@@ -110,4 +110,4 @@ class LCM(DiscreteScheduler):
                     output.shape, generator=generator, device=output.device, dtype=x.dtype
                 )
                 x = a_next.sqrt() * x + (1 - a_next).sqrt() * fresh
-            yield SamplerStep(i, len(timesteps), model_timesteps[i], x)
+            x = resumed((yield SamplerStep(i - start, total, model_timesteps[i], x)), x)

@@ -4,7 +4,7 @@ diffusers' ``LMSDiscreteScheduler``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from latentkit.errors import InvalidArgumentError
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     SigmaSpacing,
     SigmaTableScheduler,
-    init_noise_sigma,
     predicted_x0_ve,
+    resumed,
     sigma_spacing,
 )
 
@@ -56,24 +56,27 @@ class LMS(SigmaTableScheduler):
         )
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps, sigmas = self._schedule(steps)
-        model_timesteps = timesteps.to(noise.device)
+        model_timesteps = timesteps.to(x.device)
         levels = sigmas.tolist()  # the float32 sigmas as exact Python floats
-        x = noise * init_noise_sigma(sigmas, self.timestep_spacing)
+        total = len(timesteps) - start
         slopes: list[torch.Tensor] = []  # dx/dsigma at the previous sigmas, newest last
-        for i, sigma in enumerate(sigmas[:-1]):
+        for i, sigma in enumerate(sigmas[start:-1], start):
             output = model(x / ((sigma**2 + 1) ** 0.5), model_timesteps[i])
             x0 = predicted_x0_ve(self.prediction_type, output, x, sigma=sigma)
             slopes = [*slopes, (x - x0) / sigma][-self.order :]
-            weights = lms_coefficients(levels, i, len(slopes))
+            # diffusers picks the rule's order by the absolute position, min(i + 1, order); a
+            # run started part-way has fewer slopes than that for a few steps, and diffusers
+            # then uses the rule's first weights only (its zip stops early). So do we.
+            weights = lms_coefficients(levels, i, min(i + 1, self.order))[: len(slopes)]
             # Newest slope first, summed in diffusers' order.
             update = weights[0] * slopes[-1]
             for weight, earlier in zip(weights[1:], reversed(slopes[:-1]), strict=True):
                 update = update + weight * earlier
             x = x + update
-            yield SamplerStep(i, len(timesteps), model_timesteps[i], x)
+            x = resumed((yield SamplerStep(i - start, total, model_timesteps[i], x)), x)
 
 
 def lms_coefficients(sigmas: Sequence[float], i: int, order: int) -> list[float]:

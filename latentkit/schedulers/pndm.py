@@ -5,7 +5,6 @@ The Stable Diffusion 1.x default (with ``skip_prk_steps=True``: PLMS).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -13,9 +12,14 @@ import numpy as np
 import torch
 
 from latentkit.errors import InvalidArgumentError
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
-from latentkit.schedulers.common import DiscreteScheduler, predicted_eps, spaced_timesteps
+from latentkit.schedulers.common import (
+    DiscreteScheduler,
+    predicted_eps,
+    resumed,
+    spaced_timesteps,
+)
 
 
 @register("pndm")
@@ -65,11 +69,22 @@ class PNDM(DiscreteScheduler):
         ]
         return torch.from_numpy(np.array(prk + list(up[-4::-1]), dtype=np.int64))
 
+    def _check_start(self, steps: int, start: int) -> None:
+        super()._check_start(steps, start)
+        if start and not self.skip_prk_steps:
+            # diffusers' Runge-Kutta warm-up reads its timesteps from the start of the
+            # schedule by its own step count, whatever the position, so a part-way run
+            # would mix noise levels; we refuse instead.
+            raise InvalidArgumentError(
+                "pndm: the Runge-Kutta warm-up (skip_prk_steps=False) cannot start part-way; "
+                "use skip_prk_steps=True (PLMS) or strength=1"
+            )
+
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps = self.timesteps(steps)
-        model_timesteps = timesteps.to(noise.device)
+        model_timesteps = timesteps.to(x.device)
         total = len(timesteps)
         alphas_cumprod = self._alphas_cumprod()
         final_alpha_cumprod = torch.tensor(1.0) if self.set_alpha_to_one else alphas_cumprod[0]
@@ -86,7 +101,6 @@ class PNDM(DiscreteScheduler):
             denominator = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
             return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denominator
 
-        x = noise
         history: list[torch.Tensor] = []  # raw network outputs at the start of each step
         warmup = 0 if self.skip_prk_steps else 12
         half = self.num_train_timesteps // steps // 2
@@ -94,30 +108,33 @@ class PNDM(DiscreteScheduler):
             # Pseudo Runge-Kutta: four evaluations, each transferring from the step's start
             # (to half a step further for the first three; the first target is
             # start - half, which is the evaluated midpoint only for an even jump).
-            start, mid, end = int(timesteps[i]), int(timesteps[i + 1]), int(timesteps[i + 3])
+            first, mid, end = int(timesteps[i]), int(timesteps[i + 1]), int(timesteps[i + 3])
             x_start, slopes = x, []
-            for k, target in enumerate((start - half, mid, mid - half, end)):
+            for k, target in enumerate((first - half, mid, mid - half, end)):
                 slopes.append(model(x, model_timesteps[i + k]))
                 output = slopes[k]
                 if k == 3:
                     output = (
                         1 / 6 * slopes[0] + 1 / 3 * slopes[1] + 1 / 3 * slopes[2] + 1 / 6 * output
                     )
-                x = transfer(x_start, output, start, target)
-                yield SamplerStep(i + k, total, model_timesteps[i + k], x)
+                x = transfer(x_start, output, first, target)
+                x = resumed((yield SamplerStep(i + k, total, model_timesteps[i + k], x)), x)
             history.append(slopes[0])
 
         x_first = x
-        for i in range(warmup, total):
+        for i in range(warmup + start, total):
             t = int(timesteps[i])
             output = model(x, model_timesteps[i])
-            if self.skip_prk_steps and i == 1:
+            if self.skip_prk_steps and i == start + 1:
                 # Pseudo improved Euler: redo the first step with the mean of both slopes.
+                # diffusers counts the steps of this run, so a run started part-way redoes
+                # its own first step here, from t + jump to t, and so do we.
                 x = transfer(x_first, (output + history[-1]) / 2, t + jump, t)
             else:
                 history = [*history[-3:], output]
                 x = transfer(x, _adams_bashforth(history), t, t - jump)
-            yield SamplerStep(i, total, model_timesteps[i], x)
+            step = SamplerStep(i - start, total - start, model_timesteps[i], x)
+            x = resumed((yield step), x)
 
 
 def _adams_bashforth(history: list[torch.Tensor]) -> torch.Tensor:

@@ -8,19 +8,20 @@ this very evaluation: order ``p + 1`` at no extra network cost.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-from latentkit.protocols import Denoiser, Generators, SamplerStep
+from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     dynamic_threshold,
     predicted_eps,
     predicted_x0,
+    resumed,
     vp_coefficients,
 )
 from latentkit.schedulers.dpm_solver import LogSNRSolver, Point, log_snr_points
@@ -74,33 +75,32 @@ class UniPC(LogSNRSolver):
         return super()._with_final_sigma(sigmas, table)
 
     def _sample(
-        self, model: Denoiser, noise: torch.Tensor, steps: int, generator: Generators
-    ) -> Iterator[SamplerStep]:
+        self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
+    ) -> SamplerRun:
         timesteps, sigmas = self._schedule(steps)
         points = log_snr_points(sigmas)
-        model_timesteps = timesteps.to(noise.device)
+        model_timesteps = timesteps.to(x.device)
         total = len(timesteps)
-        x = noise
-        start = noise  # the sample the last prediction started from
+        last = x  # the sample the last prediction started from
         estimates: list[torch.Tensor] = []  # newest last
         order = 0  # of the last prediction
-        for i in range(total):
+        for i in range(start, total):
             output = model(x, model_timesteps[i])
             m = self._estimate(output, x, sigmas[i])
-            if i > 0 and i - 1 not in self.disable_corrector:
+            if i > start and i - 1 not in self.disable_corrector:
                 # UniC: redo the last step with the estimate just made at its end.
-                x = self._update(start, estimates[-order:], points[i - order : i + 1], new=m)
+                x = self._update(last, estimates[-order:], points[i - order : i + 1], new=m)
             estimates = [*estimates, m][-self.solver_order :]
-            order = min(self.solver_order, i + 1)
+            order = min(self.solver_order, len(estimates))
             if self.lower_order_final:
                 order = min(order, total - i)
             if sigmas[i + 1] == 0:
                 # lambda = inf at sigma = 0 makes every r_k = 0: only first order is finite
                 # there (as DPM-Solver lowers it; diffusers returns NaN for higher orders).
                 order = 1
-            start = x
+            last = x
             x = self._update(x, estimates[-order:], points[i - order + 1 : i + 2])
-            yield SamplerStep(i, total, model_timesteps[i], x)
+            x = resumed((yield SamplerStep(i - start, total - start, model_timesteps[i], x)), x)
 
     def _estimate(self, output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         alpha, sigma_t = vp_coefficients(sigma)
