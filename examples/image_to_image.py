@@ -1,9 +1,7 @@
-"""Image-to-image and inpainting with the same `generate()` call.
+"""Image-to-image with the same `generate()` call.
 
-``image=`` starts sampling from a picture instead of pure noise (``strength`` says how much
-of the schedule runs: 1 ignores the picture, small values stay close to it). Adding
-``mask_image=`` repaints only the white part of the mask; an ordinary model does it by
-blending the kept part back after every step, an inpainting model reads the mask itself.
+``image=`` starts sampling from a picture instead of pure noise; ``strength`` says how much
+of the schedule runs (1 ignores the picture, small values stay close to it).
 
     python examples/image_to_image.py photo.png --prompt "a watercolor painting" --strength 0.6
 """
@@ -27,7 +25,9 @@ def demo_picture(size: int) -> Image.Image:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Repaint a picture from a prompt.")
+    parser = argparse.ArgumentParser(
+        description="Repaint a picture from a prompt (image-to-image)."
+    )
     parser.add_argument(
         "image", nargs="?", type=Path, default=None, help="input picture (default: a gradient)"
     )
@@ -49,18 +49,6 @@ def main() -> None:
         args.prompt, image=picture, strength=args.strength, steps=args.steps, seed=args.seed
     )
     print(*result.save(args.output / "image_to_image.png", overwrite=True))
-
-    # Inpainting: repaint the left half (white), keep the right half (black).
-    mask = np.zeros((picture.height, picture.width), dtype=np.uint8)
-    mask[:, : picture.width // 2] = 255
-    result = pipe.generate(
-        args.prompt,
-        image=picture,
-        mask_image=Image.fromarray(mask),
-        steps=args.steps,
-        seed=args.seed,
-    )
-    print(*result.save(args.output / "inpainting.png", overwrite=True))
 
 
 if __name__ == "__main__":

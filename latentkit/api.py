@@ -112,6 +112,7 @@ def generate(
     image: ImageInput | None = None,
     mask_image: ImageInput | None = None,
     strength: float | None = None,
+    depth_map: ImageInput | None = None,
 ) -> GenerationResult:
     """Generate images from a text prompt in one call.
 
@@ -148,6 +149,9 @@ def generate(
             repaints by blending the kept region back after every step.
         strength: How much of the schedule runs, in [0, 1]: 1 starts from pure noise, small
             values stay close to ``image``. Default 0.8 for image-to-image, 1.0 for inpainting.
+        depth_map: For depth-to-image models (5 input channels): the depth to follow, as a
+            grey image, an array or a tensor (H, W); without it, the model's own depth
+            estimator reads ``image``.
 
     Prompts longer than the text encoder's 77-token window are encoded in chunks and the
     chunks concatenated, never cut; ``(word:1.3)``, ``(word)`` and ``[word]`` weight words as
@@ -181,4 +185,5 @@ def generate(
         image=image,
         mask_image=mask_image,
         strength=strength,
+        depth_map=depth_map,
     )

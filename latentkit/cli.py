@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--clip-skip", type=int, default=None, help="use the text encoder's layer N before the last"
     )
+    gen.add_argument(
+        "--depth", type=Path, default=None, help="depth map image (depth-to-image models)"
+    )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -111,7 +114,7 @@ def _generate(args: argparse.Namespace) -> int:
     output_paths(output, args.num_images, overwrite=args.overwrite)  # fail before loading
     if args.mask is not None and args.image is None:
         raise InvalidArgumentError("--mask needs --image (the picture to inpaint)")
-    for what, path in (("--image", args.image), ("--mask", args.mask)):
+    for what, path in (("--image", args.image), ("--mask", args.mask), ("--depth", args.depth)):
         if path is not None:
             images.open_image(path, what)  # an unreadable file fails before the model loads
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
@@ -129,6 +132,7 @@ def _generate(args: argparse.Namespace) -> int:
         image=args.image,
         mask_image=args.mask,
         strength=args.strength,
+        depth_map=args.depth,
         clip_skip=args.clip_skip,
     )
     for path in result.save(output, overwrite=args.overwrite):

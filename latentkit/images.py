@@ -63,7 +63,7 @@ def target_size(
     if isinstance(image, PILImage.Image):
         own_h, own_w = image.height, image.width
     elif isinstance(image, np.ndarray):
-        own_h, own_w = image.shape[-3], image.shape[-2]
+        own_h, own_w = image.shape[0], image.shape[1]  # (H, W) or (H, W, C)
     else:
         own_h, own_w = image.shape[-2], image.shape[-1]
     h, w = (height or own_h), (width or own_w)
@@ -135,3 +135,23 @@ def mask_tensor(
     if tensor.shape[1] != 1:
         raise InvalidArgumentError(f"a mask has one or three channels, got {tensor.shape[1]}")
     return (tensor >= 0.5).float()
+
+
+def depth_tensor(depth: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A depth map as a float tensor (1, H, W); any range (it is normalised later)."""
+    from PIL import Image as PILImage
+
+    if isinstance(depth, PILImage.Image):
+        tensor = torch.from_numpy(np.asarray(depth.convert("F"), dtype=np.float32).copy())
+    elif isinstance(depth, np.ndarray):
+        tensor = torch.from_numpy(depth.astype(np.float32))
+    else:
+        tensor = depth.detach().float().cpu()
+    tensor = tensor.squeeze()
+    if tensor.ndim != 2:
+        raise InvalidArgumentError(
+            f"a depth map has one channel (H, W), got shape {tuple(tensor.shape)}"
+        )
+    if not torch.isfinite(tensor).all() or tensor.max() == tensor.min():
+        raise InvalidArgumentError("a depth map must be finite and not constant")
+    return tensor[None]

@@ -37,19 +37,24 @@ WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "depth_estimator": "model",
 }
 PICKLE_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "pytorch_model",
+    "depth_estimator": "pytorch_model",
 }
+# Depth-to-image repos (Stable Diffusion 2 depth) carry their own depth estimator and its
+# image processor; other repos' feature_extractor (for the safety checker) is never fetched.
+DEPTH_ESTIMATOR_CONFIG = "depth_estimator/config.json"
+DEPTH_PROCESSOR_CONFIG = "feature_extractor/preprocessor_config.json"
 CONFIG_FILES = {
     "unet": "unet/config.json",
     "vae": "vae/config.json",
     "text_encoder": "text_encoder/config.json",
     "scheduler": "scheduler/scheduler_config.json",
 }
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -92,7 +97,11 @@ def select_files(
     needed = ["model_index.json", *CONFIG_FILES.values()]
     needed += sorted(f for f in available if f.startswith("tokenizer/") and f.count("/") == 1)
     weights: dict[str, list[str]] = {}
-    for component in WEIGHT_STEMS:
+    components = [c for c in WEIGHT_STEMS if c != "depth_estimator"]
+    if DEPTH_ESTIMATOR_CONFIG in available:
+        components.append("depth_estimator")
+        needed += [DEPTH_ESTIMATOR_CONFIG, DEPTH_PROCESSOR_CONFIG]
+    for component in components:
         weights[component] = _pick_weights(available, component, variant, allow_pickle, name)
         needed += weights[component]
     for f in needed:

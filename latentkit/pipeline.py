@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from latentkit import images, schedulers
+from latentkit.conditioners.depth import DepthConditioner, DepthInput
+from latentkit.conditioners.mask import MaskConditioner, MaskedImage
 from latentkit.conditioners.text import PromptTokens, TextConditioner
 from latentkit.devices import resolve_device, resolve_dtype
-from latentkit.errors import InvalidArgumentError, UnsupportedModelError
+from latentkit.errors import InvalidArgumentError
 from latentkit.images import ImageInput
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
 from latentkit.noise import randn
@@ -41,21 +43,24 @@ if TYPE_CHECKING:
 class ImageInputs:
     """The image inputs of one call, read and resized (see `latentkit.images`)."""
 
-    pixels: torch.Tensor
-    """(1, 3, H, W) in [-1, 1]."""
+    pixels: torch.Tensor | None
+    """(1, 3, H, W) in [-1, 1]; None when only a depth map is given."""
     mask: torch.Tensor | None
     """(1, 1, H, W): 1 where the image is repainted, 0 where it is kept."""
     strength: float
     """How much of the noise schedule runs: 1 starts from pure noise, 0 returns the input."""
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
+    size: tuple[int, int]
+    """(H, W) of the output, in pixels."""
+    picture: Any = None
+    """The picture as given (PIL, array or tensor), for the depth estimator."""
+    depth_map: torch.Tensor | None = None
+    """A given depth map (1, H, W)."""
 
     @property
     def from_noise(self) -> bool:
-        """Inpainting at full strength starts from pure noise (image-to-image never does)."""
-        return self.mask is not None and self.strength == 1.0
+        """Sampling starts from pure noise: depth-only text-to-image, or inpainting at full
+        strength (image-to-image always starts from the noised picture)."""
+        return self.pixels is None or (self.mask is not None and self.strength == 1.0)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class StableDiffusion:
     device: torch.device
     dtype: torch.dtype
     name: str
+    depth: DepthConditioner | None = None
+    """Depth conditioning with the repo's own estimator, for depth-to-image models."""
 
     @classmethod
     def from_files(
@@ -133,6 +140,9 @@ class StableDiffusion:
                 str(files.root / "tokenizer"), local_files_only=True
             )
             bar.update()
+            depth = None
+            if "depth_estimator" in files.weights:
+                depth = _load_depth_estimator(files, dev, dt)
         return cls(
             unet=unet,
             vae=vae,
@@ -142,6 +152,7 @@ class StableDiffusion:
             device=dev,
             dtype=dt,
             name=files.name,
+            depth=depth,
         )
 
     def with_scheduler(self, scheduler: str | Scheduler, /, **options: Any) -> StableDiffusion:
@@ -182,44 +193,65 @@ class StableDiffusion:
         image: ImageInput | None,
         mask_image: ImageInput | None,
         strength: float | None,
+        depth_map: ImageInput | None,
         height: int | None,
         width: int | None,
     ) -> ImageInputs | None:
         """Read and check the image inputs (cheap: before any network runs)."""
         channels = self.unet.config.in_channels
-        if channels == 5:
-            raise UnsupportedModelError(
-                f"{self.name} is depth-conditioned (in_channels=5); depth-to-image is not supported yet"
-            )
-        if image is None:
-            if mask_image is not None:
-                raise InvalidArgumentError("mask_image needs image= (the picture to inpaint)")
-            if strength is not None:
-                raise InvalidArgumentError(
-                    "strength applies to image-to-image and inpainting: pass image="
-                )
-            if channels == 9:
-                raise InvalidArgumentError(
-                    f"{self.name} is an inpainting model (in_channels=9): pass image= and mask_image="
-                )
-            return None
-        if channels == 9 and mask_image is None:
+        kind = {9: "an inpainting model", 5: "a depth-to-image model"}.get(channels, "")
+        if depth_map is not None and channels != 5:
             raise InvalidArgumentError(
-                f"{self.name} is an inpainting model (in_channels=9): pass mask_image= with the image"
+                f"depth_map needs a depth-to-image model (in_channels=5); {self.name} has "
+                f"in_channels={channels}"
             )
-        strength = (0.8 if mask_image is None else 1.0) if strength is None else strength
+        if mask_image is not None and channels == 5:
+            raise InvalidArgumentError(
+                f"{self.name} is a depth-to-image model (in_channels=5): it cannot inpaint"
+            )
+        if image is None and mask_image is not None:
+            raise InvalidArgumentError("mask_image needs image= (the picture to inpaint)")
+        if image is None and strength is not None:
+            raise InvalidArgumentError(
+                "strength applies to image-to-image and inpainting: pass image="
+            )
+        if channels == 9 and (image is None or mask_image is None):
+            raise InvalidArgumentError(
+                f"{self.name} is {kind} (in_channels=9): pass image= and mask_image="
+            )
+        if channels == 5 and image is None and depth_map is None:
+            raise InvalidArgumentError(
+                f"{self.name} is {kind} (in_channels=5): pass image= or depth_map="
+            )
+        if channels == 5 and image is not None and depth_map is None and self.depth is None:
+            raise InvalidArgumentError(f"{self.name} has no depth estimator: pass depth_map=")
+        if image is None and depth_map is None:
+            return None
+        default = 0.8 if mask_image is None else 1.0
+        strength = default if strength is None else strength
         if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
             raise InvalidArgumentError(f"strength must be in [0, 1], got {strength!r}")
         for label, value in (("height", height), ("width", width)):
             if value is not None:
                 _check_size(label, value, self.vae.scale_factor)
-        picture = images.open_image(image, "image")
-        size = images.target_size(picture, height, width, self.vae.scale_factor)
+        picture = None if image is None else images.open_image(image, "image")
+        depth = None if depth_map is None else images.open_image(depth_map, "depth_map")
+        source = picture if picture is not None else depth
+        assert source is not None
+        if picture is None and (height is not None or width is not None):
+            size = (height or self.default_size[0], width or self.default_size[1])
+        else:
+            size = images.target_size(source, height, width, self.vae.scale_factor)
         mask = None
         if mask_image is not None:
             mask = images.mask_tensor(images.open_image(mask_image, "mask_image"), size)
         return ImageInputs(
-            pixels=images.image_tensor(picture, size), mask=mask, strength=float(strength)
+            pixels=None if picture is None else images.image_tensor(picture, size),
+            mask=mask,
+            strength=float(strength),
+            size=size,
+            picture=picture,
+            depth_map=None if depth is None else images.depth_tensor(depth),
         )
 
     def _image_latents(
@@ -232,39 +264,44 @@ class StableDiffusion:
     ]:
         """Noise, clean latents to start from, extra UNet channels and the inpainting blend.
 
-        The generator is drawn from in diffusers' order (image latents, noise, masked-image
-        latents), so a seed gives diffusers' image for the same task.
+        The generator is drawn from in diffusers' order (picture latents, noise, masked
+        picture latents), so a seed gives diffusers' image for the same task.
         """
         batch = shape[0]
-        pixels = inputs.pixels.to(device=self.device, dtype=self.dtype)
-        inpainting_model = self.unet.config.in_channels == 9
+        channels = self.unet.config.in_channels
         known = None
-        if not (inpainting_model and inputs.from_noise):
+        if inputs.pixels is not None and not (channels == 9 and inputs.from_noise):
+            pixels = inputs.pixels.to(device=self.device, dtype=self.dtype)
             if inputs.mask is None and isinstance(generators, list):
-                pixels_in = pixels.repeat(batch, 1, 1, 1)  # img2img encodes one copy per generator
-            else:
-                pixels_in = pixels
-            known = self._encode(pixels_in, generators)
+                pixels = pixels.repeat(
+                    batch, 1, 1, 1
+                )  # image-to-image encodes a copy per generator
+            known = self._encode(pixels, generators)
             known = known.repeat(batch // known.shape[0], 1, 1, 1)
         noise = randn(shape, generator=generators, device=self.device, dtype=self.dtype)
         init = None if inputs.from_noise else known
-        if inputs.mask is None:
-            return noise, init, None, None
-        mask = F.interpolate(inputs.mask, size=shape[-2:]).to(device=self.device, dtype=self.dtype)
-        mask = mask.repeat(batch, 1, 1, 1)
-        masked = pixels * (inputs.mask.to(device=self.device, dtype=self.dtype) < 0.5)
-        if inpainting_model:
-            masked_latents = self._encode(masked, generators)
-            extra = torch.cat(
-                [mask, masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)], dim=1
+        extra = None
+        if channels == 5:
+            depth = self.depth or DepthConditioner()
+            request = DepthInput(
+                latent_size=shape[-2:], depth_map=inputs.depth_map, picture=inputs.picture
             )
-            return noise, init, extra, None
-        # A 4-channel model repaints by blending; diffusers still samples the masked image's
-        # latents here, so draw the same noise to keep a seed's later draws identical.
+            extra = depth.encode(request, device=self.device, dtype=self.dtype)
+        if inputs.mask is None or inputs.pixels is None:
+            return noise, init, None if extra is None else extra.repeat(batch, 1, 1, 1), None
+        masked = MaskedImage(pixels=inputs.pixels, mask=inputs.mask)
+        if channels == 9:
+            extra = MaskConditioner(autoencoder=self.vae).encode(
+                masked, device=self.device, dtype=self.dtype, generator=generators
+            )
+            return noise, init, extra.repeat(batch, 1, 1, 1), None
+        # A 4-channel model repaints by blending; diffusers still samples the masked
+        # picture's latents here, so draw the same noise to keep a seed's later draws equal.
         first = generators[0] if isinstance(generators, list) else generators
         randn((1, *shape[1:]), generator=first, device=self.device, dtype=self.dtype)
+        mask = F.interpolate(inputs.mask, size=shape[-2:]).to(device=self.device, dtype=self.dtype)
         assert known is not None
-        return noise, init, None, (mask, known)
+        return noise, init, None, (mask.repeat(batch, 1, 1, 1), known)
 
     def _encode(self, pixels: torch.Tensor, generators: Generators) -> torch.Tensor:
         """Scaled latents of ``pixels``, sampled from the posterior as diffusers does: one
@@ -405,13 +442,14 @@ class StableDiffusion:
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         strength: float | None = None,
+        depth_map: ImageInput | None = None,
     ) -> GenerationResult:
         """Generate images for ``prompt``; see `latentkit.generate` for the keywords."""
         guided = guidance_scale > 1.0
         prompts, negatives = self._check_prompts(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided
         )
-        inputs = self._image_inputs(image, mask_image, strength, height, width)
+        inputs = self._image_inputs(image, mask_image, strength, depth_map, height, width)
         if inputs is not None:
             height, width = inputs.size
         height = self.default_size[0] if height is None else height
@@ -585,6 +623,29 @@ def _check_generate_args(
         )
     if callback is not None and not callable(callback):
         raise InvalidArgumentError("callback must be callable")
+
+
+def _load_depth_estimator(
+    files: ModelFiles, device: torch.device, dtype: torch.dtype
+) -> DepthConditioner:
+    """The repo's DPT depth estimator and its image processor (transformers classes)."""
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+    weights = files.weights["depth_estimator"]
+    v = files.variant
+    estimator = DPTForDepthEstimation.from_pretrained(
+        str(files.root / "depth_estimator"),
+        dtype=dtype,
+        variant=v if v and any(f".{v}." in p.name for p in weights) else None,
+        use_safetensors=any(p.suffix == ".safetensors" for p in weights),
+        weights_only=True,
+        local_files_only=True,
+    ).to(device)
+    estimator.eval().requires_grad_(False)
+    processor = DPTImageProcessor.from_pretrained(
+        str(files.root / "feature_extractor"), local_files_only=True
+    )
+    return DepthConditioner(estimator=estimator, processor=processor)
 
 
 def _check_size(label: str, size: int, factor: int) -> None:

@@ -132,9 +132,15 @@ class Conditioner(Protocol[InputT_contra]):
     target: ClassVar[ConditionTarget]
 
     def encode(
-        self, value: InputT_contra, *, device: torch.device, dtype: torch.dtype
+        self,
+        value: InputT_contra,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        generator: Generators = None,
     ) -> torch.Tensor:
-        """Encode a batch of inputs; the result's first dimension is the batch."""
+        """Encode inputs; the result's first dimension is the batch. Conditioners that sample
+        (an autoencoder's posterior) draw from ``generator``; others ignore it."""
         ...
 
 

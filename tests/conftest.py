@@ -28,3 +28,8 @@ def sd2_path(models_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def inpaint_path(models_root: Path) -> Path:
     return tiny_models.save_pipeline("inpaint", models_root)
+
+
+@pytest.fixture(scope="session")
+def depth_path(models_root: Path) -> Path:
+    return tiny_models.save_pipeline("depth", models_root)

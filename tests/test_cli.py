@@ -123,3 +123,71 @@ def test_lists_schedulers(capsys: pytest.CaptureFixture[str]) -> None:
     by_name = {line.split()[0]: line.split(maxsplit=1)[1:] for line in lines}
     assert by_name["dpm-solver++"] == ["DPM++ 2M, DPM++ 2M Karras"]
     assert by_name["pndm"] == ["PLMS"]
+
+
+def test_image_tasks_from_the_command_line(sd1_path: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    picture = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(
+        picture
+    )
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.tile(np.array([255] * 16 + [0] * 16, dtype="uint8"), (32, 1))).save(mask)
+    out = tmp_path / "out.png"
+    common = ["--model", str(sd1_path), "--steps", "3", "--seed", "1", "--device", "cpu", "--quiet"]
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "-o",
+                str(out),
+                "--image",
+                str(picture),
+                "--strength",
+                "0.5",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "Denoising strength: 0.5" in Image.open(out).text["parameters"]
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "-o",
+                str(tmp_path / "b.png"),
+                "--image",
+                str(picture),
+                "--mask",
+                str(mask),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["generate", "a cat", "-o", str(tmp_path / "c.png"), "--mask", str(mask), *common])
+        == 2
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "-o",
+                str(tmp_path / "d.png"),
+                "--image",
+                str(tmp_path / "nope.png"),
+                *common,
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(["generate", "a cat", "-o", str(tmp_path / "e.png"), "--depth", str(picture), *common])
+        == 2
+    )

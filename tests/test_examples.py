@@ -24,8 +24,12 @@ EXAMPLES = {
         "scheduler-ddim-eta0.5.png",
     ],
     "progress_callback.py": ["progress_callback.png"],
-    "image_to_image.py": ["image_to_image.png", "inpainting.png"],
+    "image_to_image.py": ["image_to_image.png"],
+    "inpainting.py": ["inpainting.png"],
+    "depth_to_image.py": ["depth_estimated.png", "depth_given.png"],
 }
+# The tiny model each example runs on (fixtures in conftest.py); the rest use "sd1_path".
+MODELS = {"inpainting.py": "inpaint_path", "depth_to_image.py": "depth_path"}
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -36,8 +40,9 @@ def run(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("script", sorted(EXAMPLES))
-def test_example_runs(script: str, sd1_path: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, f"examples/{script}", "--model", str(sd1_path), "--steps", "2"]
+def test_example_runs(script: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    model = request.getfixturevalue(MODELS.get(script, "sd1_path"))
+    cmd = [sys.executable, f"examples/{script}", "--model", str(model), "--steps", "2"]
     cmd += ["--size", str(SIZE), "--output", str(tmp_path), "--device", "cpu"]
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr

@@ -342,3 +342,20 @@ def test_cli_offline_from_cache_in_a_fresh_process(sd1_path: Path, tmp_path: Pat
     missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert "HF_HUB_OFFLINE=1 is set" in missing.stderr
+
+
+def test_depth_repos_also_fetch_their_estimator() -> None:
+    files = [
+        *SD15_FILES,
+        "depth_estimator/config.json",
+        "depth_estimator/model.safetensors",
+        "depth_estimator/pytorch_model.bin",
+    ]
+    needed, weights = select_files(files, variant=None, allow_pickle=False, name="sd2-depth")
+    assert weights["depth_estimator"] == ["depth_estimator/model.safetensors"]
+    assert "feature_extractor/preprocessor_config.json" in needed
+    # Without a depth estimator, the feature extractor (the safety checker's) is never fetched.
+    plain, weights = select_files(SD15_FILES, variant=None, allow_pickle=False, name="sd15")
+    assert "depth_estimator" not in weights and not any(
+        f.startswith("feature_extractor") for f in plain
+    )

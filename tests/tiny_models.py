@@ -151,6 +151,27 @@ def vae_kwargs() -> dict[str, Any]:
     )
 
 
+def depth_estimator() -> tuple[Any, Any]:
+    """A tiny random DPT depth estimator and its image processor (transformers classes)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(2)
+    config = DPTConfig(
+        image_size=32,
+        patch_size=16,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        backbone_out_indices=(0, 1, 2, 3),
+        is_hybrid=False,
+        neck_hidden_sizes=[16, 16, 32, 32],
+        fusion_hidden_size=16,
+    )
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+    return DPTForDepthEstimation(config).eval(), processor
+
+
 def build_pipeline(kind: str) -> Any:
     """A diffusers pipeline with random tiny weights: ``"sd1"``, ``"sd2"`` or ``"inpaint"``."""
     import tempfile
@@ -171,6 +192,11 @@ def build_pipeline(kind: str) -> Any:
         )
         text_encoder = _text_encoder(32, vocab_size)
         scheduler: Any = PNDMScheduler.from_config(SD15_SCHEDULER)
+    elif kind == "depth":
+        # SD 2 depth: latents plus one depth channel (5), epsilon prediction, a DPT estimator.
+        unet = UNet2DConditionModel(**{**sd2_unet_kwargs(), "in_channels": 5})
+        text_encoder = _text_encoder(1024, vocab_size, act="gelu")
+        scheduler = PNDMScheduler.from_config(SD15_SCHEDULER)
     elif kind == "sd2":
         unet = UNet2DConditionModel(**sd2_unet_kwargs())
         text_encoder = _text_encoder(1024, vocab_size, act="gelu")
@@ -184,6 +210,19 @@ def build_pipeline(kind: str) -> Any:
         unet.conv_out.weight.mul_(5.0)
     from diffusers import StableDiffusionInpaintPipeline
 
+    if kind == "depth":
+        from diffusers import StableDiffusionDepth2ImgPipeline
+
+        estimator, processor = depth_estimator()
+        return StableDiffusionDepth2ImgPipeline(
+            vae=vae.eval(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet.eval(),
+            scheduler=scheduler,
+            depth_estimator=estimator,
+            feature_extractor=processor,
+        )
     cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionPipeline
     return cls(
         vae=vae.eval(),

@@ -27,6 +27,17 @@ def names() -> list[str]:
     return registry.names()
 
 
+from latentkit.conditioners.depth import DepthConditioner, DepthInput  # noqa: E402
+from latentkit.conditioners.mask import MaskConditioner, MaskedImage  # noqa: E402
 from latentkit.conditioners.text import TextConditioner  # noqa: E402
 
-__all__ = ["TextConditioner", "names", "register", "registry"]
+__all__ = [
+    "DepthConditioner",
+    "DepthInput",
+    "MaskConditioner",
+    "MaskedImage",
+    "TextConditioner",
+    "names",
+    "register",
+    "registry",
+]

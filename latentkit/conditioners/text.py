@@ -19,7 +19,7 @@ import torch
 
 from latentkit.conditioners import register
 from latentkit.errors import InvalidArgumentError
-from latentkit.protocols import ConditionTarget
+from latentkit.protocols import ConditionTarget, Generators
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -120,9 +120,14 @@ class TextConditioner:
         return int(self.text_encoder.config.hidden_size)
 
     def encode(
-        self, value: Sequence[str], *, device: torch.device, dtype: torch.dtype
+        self,
+        value: Sequence[str],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        generator: Generators = None,
     ) -> torch.Tensor:
-        """Encode a batch of prompts to (B, 77 × chunks, D) hidden states."""
+        """Encode a batch of prompts to (B, 77 × chunks, D) hidden states (deterministic)."""
         return self.embed(self.tokenize(value), device=device, dtype=dtype)
 
     def tokenize(self, prompts: Sequence[str], *, chunks: int = 1) -> PromptTokens:
