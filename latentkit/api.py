@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from latentkit.devices import resolve_device, resolve_dtype
+from latentkit.errors import InvalidArgumentError
 from latentkit.images import ImageInput
 from latentkit.pipeline import StableDiffusion
 from latentkit.protocols import Callback, Scheduler, Seeds
@@ -162,6 +163,11 @@ def generate(
         >>> result.images[0].save("cat.png")  # doctest: +SKIP
     """
     if isinstance(model, StableDiffusion):
+        if device != "auto" or dtype != "auto":
+            raise InvalidArgumentError(
+                "device and dtype are fixed when a pipeline is loaded: pass them to "
+                "load_pipeline, not with model=<pipeline>"
+            )
         pipe = model
     else:
         pipe = _cached_pipeline(model, device, dtype, progress)

@@ -114,9 +114,11 @@ def _generate(args: argparse.Namespace) -> int:
     output_paths(output, args.num_images, overwrite=args.overwrite)  # fail before loading
     if args.mask is not None and args.image is None:
         raise InvalidArgumentError("--mask needs --image (the picture to inpaint)")
-    for what, path in (("--image", args.image), ("--mask", args.mask), ("--depth", args.depth)):
-        if path is not None:
-            images.open_image(path, what)  # an unreadable file fails before the model loads
+    # Read the inputs now: an unreadable file fails before the model loads.
+    opened = {
+        what: None if path is None else images.open_image(path, what)
+        for what, path in (("--image", args.image), ("--mask", args.mask), ("--depth", args.depth))
+    }
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     result = pipe.generate(
         args.prompt,
@@ -129,10 +131,10 @@ def _generate(args: argparse.Namespace) -> int:
         width=args.width,
         num_images=args.num_images,
         progress=not args.quiet,
-        image=args.image,
-        mask_image=args.mask,
+        image=opened["--image"],
+        mask_image=opened["--mask"],
         strength=args.strength,
-        depth_map=args.depth,
+        depth_map=opened["--depth"],
         clip_skip=args.clip_skip,
     )
     for path in result.save(output, overwrite=args.overwrite):

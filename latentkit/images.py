@@ -113,8 +113,15 @@ def _as_tensor(
         if grey and tensor.shape[1] == 3:
             r, g, b = tensor[:, 0:1], tensor[:, 1:2], tensor[:, 2:3]
             tensor = 0.299 * r + 0.587 * g + 0.114 * b  # ITU-R 601, as PIL's "L"
+        if not grey and tensor.shape[1] == 4:
+            tensor = tensor[:, :3]  # drop alpha, as PIL's convert("RGB") does
         if not grey and tensor.shape[1] == 1:
             tensor = tensor.expand(-1, 3, -1, -1)
+        if tensor.shape[1] not in (1, 3):
+            raise InvalidArgumentError(
+                f"expected an image with 1, 3 or 4 channels (arrays as (H, W, C), tensors as "
+                f"(C, H, W)), got shape {tuple(image.shape)}"
+            )
     if tensor.min() < 0 or tensor.max() > 1:
         raise InvalidArgumentError("image values must lie in [0, 1] (or 0..255 for uint8 arrays)")
     return tensor

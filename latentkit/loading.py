@@ -71,6 +71,15 @@ class ModelFiles:
     variant: str | None = None
     """The weight variant asked for (a component without it uses its regular weights)."""
 
+    @classmethod
+    def at(
+        cls, root: Path, name: str, weights: Mapping[str, list[str]], variant: str | None
+    ) -> ModelFiles:
+        """The files of ``weights`` (component → paths relative to ``root``)."""
+        return cls(
+            root, name, {c: tuple(root / f for f in fs) for c, fs in weights.items()}, variant
+        )
+
     def config(self, component: str) -> dict[str, Any]:
         path = self.root / CONFIG_FILES[component]
         if not path.is_file():
@@ -176,9 +185,7 @@ def resolve(
     if path.is_dir():
         files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
         _, weights = select_files(files, variant=variant, allow_pickle=allow_pickle, name=name)
-        return ModelFiles(
-            path, name, {c: tuple(path / f for f in fs) for c, fs in weights.items()}, variant
-        )
+        return ModelFiles.at(path, name, weights, variant)
     if path.exists():
         raise InvalidArgumentError(
             f"{name} is a file; latentkit loads a folder in the diffusers layout (or a Hub repo id)"
@@ -211,6 +218,7 @@ def _resolve_hub(
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -231,6 +239,8 @@ def _resolve_hub(
             ) from e
         except RevisionNotFoundError as e:
             raise ModelNotFoundError(f"repo {repo_id} has no revision {revision!r}") from e
+        except HfHubHTTPError as e:  # the Hub answered, with an error (bad token, 5xx, ...)
+            raise ModelNotFoundError(f"the Hub refused {repo_id}: {e}") from e
         except Exception as e:  # no connection: fall back to the cache, as huggingface_hub does
             logger.info("cannot reach the Hub (%s); looking in the cache", e)
             reason = f"the Hub cannot be reached ({type(e).__name__})"
@@ -249,12 +259,7 @@ def _resolve_hub(
                         allow_patterns=needed,
                     )
                 )
-            return ModelFiles(
-                folder,
-                repo_id,
-                {c: tuple(folder / f for f in fs) for c, fs in weights.items()},
-                variant,
-            )
+            return ModelFiles.at(folder, repo_id, weights, variant)
     cache = cache_dir or constants.HF_HUB_CACHE
     try:
         folder = Path(
@@ -276,9 +281,7 @@ def _resolve_hub(
         _, weights = select_files(files, variant=variant, allow_pickle=allow_pickle, name=repo_id)
     except MissingComponentError as e:
         raise MissingComponentError(f"{e} in the cached copy ({folder}); {reason}") from e
-    return ModelFiles(
-        folder, repo_id, {c: tuple(folder / f for f in fs) for c, fs in weights.items()}, variant
-    )
+    return ModelFiles.at(folder, repo_id, weights, variant)
 
 
 @contextmanager

@@ -37,3 +37,10 @@ def randn(
     return torch.cat(
         [torch.randn(item, generator=g, device=g.device, dtype=dtype) for g in generator]
     ).to(device)
+
+
+def first_generator(generator: Generators) -> torch.Generator | None:
+    """The generator diffusers uses where it draws once for a batch given a list of them."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return generator[0]

@@ -8,6 +8,8 @@ guidance (Ho & Salimans 2022, eq. 6) mixes conditional and unconditional predict
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from latentkit.devices import resolve_device, resolve_dtype
 from latentkit.errors import InvalidArgumentError
 from latentkit.images import ImageInput
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
-from latentkit.noise import randn
+from latentkit.noise import first_generator, randn
 from latentkit.protocols import Callback, Generators, Scheduler, Seeds
 from latentkit.results import (
     OUTPUT_TYPES,
@@ -123,18 +125,7 @@ class StableDiffusion:
             )
             load_into(vae, renamed, name="vae")
             bar.update()
-            # transformers reads the text encoder; we tell it exactly which file we chose.
-            text_weights = files.weights["text_encoder"]
-            v = files.variant
-            text_encoder = CLIPTextModel.from_pretrained(
-                str(files.root / "text_encoder"),
-                dtype=dt,
-                variant=v if v and any(f".{v}." in p.name for p in text_weights) else None,
-                use_safetensors=any(p.suffix == ".safetensors" for p in text_weights),
-                weights_only=True,
-                local_files_only=True,
-            ).to(dev)
-            text_encoder.eval().requires_grad_(False)
+            text_encoder = _transformers_model(CLIPTextModel, files, "text_encoder", dev, dt)
             bar.update()
             tokenizer = CLIPTokenizer.from_pretrained(
                 str(files.root / "tokenizer"), local_files_only=True
@@ -297,8 +288,12 @@ class StableDiffusion:
             return noise, init, extra.repeat(batch, 1, 1, 1), None
         # A 4-channel model repaints by blending; diffusers still samples the masked
         # picture's latents here, so draw the same noise to keep a seed's later draws equal.
-        first = generators[0] if isinstance(generators, list) else generators
-        randn((1, *shape[1:]), generator=first, device=self.device, dtype=self.dtype)
+        randn(
+            (1, *shape[1:]),
+            generator=first_generator(generators),
+            device=self.device,
+            dtype=self.dtype,
+        )
         mask = F.interpolate(inputs.mask, size=shape[-2:]).to(device=self.device, dtype=self.dtype)
         assert known is not None
         return noise, init, None, (mask.repeat(batch, 1, 1, 1), known)
@@ -445,6 +440,14 @@ class StableDiffusion:
         depth_map: ImageInput | None = None,
     ) -> GenerationResult:
         """Generate images for ``prompt``; see `latentkit.generate` for the keywords."""
+        _check_generate_args(
+            steps=steps,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            num_images=num_images,
+            output_type=output_type,
+            callback=callback,
+        )
         guided = guidance_scale > 1.0
         prompts, negatives = self._check_prompts(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided
@@ -454,17 +457,8 @@ class StableDiffusion:
             height, width = inputs.size
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
-        _check_generate_args(
-            steps=steps,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            height=height,
-            width=width,
-            factor=self.vae.scale_factor,
-            num_images=num_images,
-            output_type=output_type,
-            callback=callback,
-        )
+        _check_size("height", height, self.vae.scale_factor)
+        _check_size("width", width, self.vae.scale_factor)
         batch = len(prompts) * num_images
         seeds = _seeds(seed, batch)
         sched = self.resolve_scheduler(scheduler)
@@ -548,13 +542,15 @@ class StableDiffusion:
                 prompt=prompts[i // num_images],
                 negative_prompt=negatives[i // num_images],
                 steps=steps,
-                scheduler=sched.name,
+                scheduler=scheduler if isinstance(scheduler, str) else sched.name,
                 guidance_scale=guidance_scale,
                 seed=seeds[i],
                 width=width,
                 height=height,
                 model=self.name,
                 strength=None if inputs is None else inputs.strength,
+                clip_skip=clip_skip,
+                guidance_rescale=guidance_rescale,
             )
             for i in range(batch)
         ]
@@ -583,14 +579,14 @@ def _seeds(seed: Seeds, batch: int) -> list[int]:
     keeps the seed); ``None`` draws a fresh seed so the result can still be reproduced."""
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return [seed] * batch
-    seeds = list(seed) if isinstance(seed, Sequence) else []
-    if len(seeds) != batch or not all(
-        isinstance(s, int) and not isinstance(s, bool) for s in seeds
-    ):
+    given: list[object] = (
+        [seed] * batch if _is_int(seed) else list(seed) if isinstance(seed, Sequence) else []
+    )
+    seeds = [int(s) for s in given if _is_int(s)]  # type: ignore[call-overload]
+    if len(seeds) != batch or len(given) != batch or not all(-(2**63) <= s < 2**64 for s in seeds):
         raise InvalidArgumentError(
-            f"seed must be an int, None, or a list of {batch} ints (one per image); got {seed!r}"
+            f"seed must be an int in [-2**63, 2**64), None, or a list of {batch} such ints "
+            f"(one per image); got {seed!r}"
         )
     return seeds
 
@@ -600,23 +596,20 @@ def _check_generate_args(
     steps: int,
     guidance_scale: float,
     guidance_rescale: float,
-    height: int,
-    width: int,
-    factor: int,
     num_images: int,
     output_type: str,
     callback: Callback | None,
 ) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not _is_int(steps) or steps < 1:
         raise InvalidArgumentError(f"steps must be an int ≥ 1, got {steps!r}")
-    _check_size("height", height, factor)
-    _check_size("width", width, factor)
-    if not isinstance(num_images, int) or num_images < 1:
+    if not _is_int(num_images) or num_images < 1:
         raise InvalidArgumentError(f"num_images must be an int ≥ 1, got {num_images!r}")
-    if guidance_scale < 0:
-        raise InvalidArgumentError(f"guidance_scale must be ≥ 0, got {guidance_scale}")
-    if not 0 <= guidance_rescale <= 1:
-        raise InvalidArgumentError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if not _is_real(guidance_scale) or guidance_scale < 0:
+        raise InvalidArgumentError(
+            f"guidance_scale must be a finite number ≥ 0, got {guidance_scale!r}"
+        )
+    if not _is_real(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise InvalidArgumentError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
     if output_type not in OUTPUT_TYPES:
         raise InvalidArgumentError(
             f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
@@ -625,31 +618,48 @@ def _check_generate_args(
         raise InvalidArgumentError("callback must be callable")
 
 
-def _load_depth_estimator(
-    files: ModelFiles, device: torch.device, dtype: torch.dtype
-) -> DepthConditioner:
-    """The repo's DPT depth estimator and its image processor (transformers classes)."""
-    from transformers import DPTForDepthEstimation, DPTImageProcessor
-
-    weights = files.weights["depth_estimator"]
+def _transformers_model(
+    cls: Any, files: ModelFiles, component: str, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """A transformers model component, read from exactly the weight file `select_files`
+    chose (variant, safetensors or opted-in pickle with ``weights_only``), frozen, on ``device``."""
+    weights = files.weights[component]
     v = files.variant
-    estimator = DPTForDepthEstimation.from_pretrained(
-        str(files.root / "depth_estimator"),
+    model = cls.from_pretrained(
+        str(files.root / component),
         dtype=dtype,
         variant=v if v and any(f".{v}." in p.name for p in weights) else None,
         use_safetensors=any(p.suffix == ".safetensors" for p in weights),
         weights_only=True,
         local_files_only=True,
     ).to(device)
-    estimator.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_depth_estimator(
+    files: ModelFiles, device: torch.device, dtype: torch.dtype
+) -> DepthConditioner:
+    """The repo's DPT depth estimator and its image processor (transformers classes)."""
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+    estimator = _transformers_model(DPTForDepthEstimation, files, "depth_estimator", device, dtype)
     processor = DPTImageProcessor.from_pretrained(
         str(files.root / "feature_extractor"), local_files_only=True
     )
     return DepthConditioner(estimator=estimator, processor=processor)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_size(label: str, size: int, factor: int) -> None:
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % factor:
+    if not _is_int(size) or size <= 0 or size % factor:
         hint = max(factor, size // factor * factor) if isinstance(size, int) else 512
         raise InvalidArgumentError(
             f"{label} must be a positive multiple of {factor} (the autoencoder's downsampling "

@@ -12,7 +12,9 @@ its full list of names, so importing latentkit stays cheap.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
@@ -20,6 +22,7 @@ from typing import Any, Generic, TypeVar
 from latentkit.errors import InvalidArgumentError, UnknownNameError
 
 T = TypeVar("T")
+logger = logging.getLogger("latentkit")
 
 
 def normalize(name: str) -> str:
@@ -40,6 +43,7 @@ class Registry(Mapping[str, T], Generic[T]):
         self._items: dict[str, T] = {}
         self._aliases: dict[str, tuple[str, dict[str, Any]]] = {}
         self._entry_points_loaded = False
+        self._lock = threading.RLock()
 
     def register(self, name: str, *, replace: bool = False) -> Callable[[T], T]:
         """Decorator registering an implementation under ``name``."""
@@ -94,9 +98,14 @@ class Registry(Mapping[str, T], Generic[T]):
         return len(self.names())
 
     def _load_entry_points(self) -> None:
-        if self._entry_points_loaded:
-            return
-        self._entry_points_loaded = True
-        for ep in entry_points(group=self.group):
-            if normalize(ep.name) not in self._items:
-                self.add(ep.name, ep.load())
+        with self._lock:  # once, and never half-seen by another thread
+            if self._entry_points_loaded:
+                return
+            for ep in entry_points(group=self.group):
+                if normalize(ep.name) in self._items:
+                    continue
+                try:
+                    self.add(ep.name, ep.load())
+                except Exception as e:  # a broken plugin must not break latentkit itself
+                    logger.warning("skipping %s %r from %s: %s", self.kind, ep.name, ep.value, e)
+            self._entry_points_loaded = True

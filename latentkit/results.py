@@ -31,15 +31,23 @@ class GenerationParameters:
     model: str
     strength: float | None = None
     """Denoising strength of image-to-image and inpainting (None for text-to-image)."""
+    clip_skip: int | None = None
+    guidance_rescale: float = 0.0
 
     def a1111(self) -> str:
         """The ``parameters`` text A1111-compatible tools read from a PNG."""
-        strength = "" if self.strength is None else f", Denoising strength: {self.strength:g}"
+        extra = ""
+        if self.strength is not None:
+            extra += f", Denoising strength: {self.strength:g}"
+        if self.clip_skip is not None:
+            extra += f", Clip skip: {self.clip_skip}"
+        if self.guidance_rescale:
+            extra += f", Guidance rescale: {self.guidance_rescale:g}"
         return (
             f"{self.prompt}\n"
             f"Negative prompt: {self.negative_prompt}\n"
             f"Steps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance_scale:g}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}{strength}"
+            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}{extra}"
         )
 
 
@@ -66,7 +74,7 @@ class GenerationResult:
         """
         paths = output_paths(path, len(self.images), overwrite=overwrite)
         for image, params, p in zip(self.images, self.parameters, paths, strict=True):
-            save_png(image, p, params)
+            save_png(image, p, params, overwrite=overwrite)
         return paths
 
 
@@ -88,8 +96,14 @@ def output_paths(path: str | Path, count: int, *, overwrite: bool = False) -> li
     return paths
 
 
-def save_png(image: Image.Image, path: Path, params: GenerationParameters | None) -> None:
-    """Write ``image`` as PNG with a ``parameters`` text chunk (A1111 convention)."""
+def save_png(
+    image: Image.Image, path: Path, params: GenerationParameters | None, *, overwrite: bool = False
+) -> None:
+    """Write ``image`` as PNG with a ``parameters`` text chunk (A1111 convention).
+
+    Without ``overwrite`` the file is created exclusively, so a file that appeared since
+    the check (another process) is never replaced.
+    """
     from PIL import Image as PILImage
     from PIL.PngImagePlugin import PngInfo
 
@@ -101,7 +115,15 @@ def save_png(image: Image.Image, path: Path, params: GenerationParameters | None
     if params is not None:
         info.add_text("parameters", params.a1111())
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=info)
+    try:
+        with open(path, "wb" if overwrite else "xb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+    except FileExistsError as e:
+        from latentkit.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"{path} already exists; pass overwrite=True to replace it"
+        ) from e
 
 
 def to_output(images: torch.Tensor, output_type: OutputType) -> list[Any]:

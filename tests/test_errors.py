@@ -65,3 +65,98 @@ def test_vae_factor_in_message_for_a_real_sized_model(pipe: Any, no_heavy_work: 
     # The tiny VAE has factor 2; Stable Diffusion's has 8. The message names it and suggests a fix.
     with pytest.raises(latentkit.InvalidArgumentError, match=r"factor.*try 32"):
         pipe.generate("a cat", height=33, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(guidance_scale="7"), "guidance_scale"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(num_images=True), "num_images"),
+        (dict(steps=2.0), "steps"),
+        (dict(seed=2**70), "seed must be an int"),
+        (dict(seed=[1.5]), "seed must be an int"),
+    ],
+)
+def test_bad_scalars_fail_before_the_text_encoder(
+    pipe: Any, no_heavy_work: None, kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(latentkit.InvalidArgumentError, match=match):
+        pipe.generate("a cat", progress=False, **kwargs)
+
+
+def test_numpy_integer_seeds_are_accepted(pipe: Any) -> None:
+    import numpy as np
+
+    a = pipe.generate("a cat", steps=1, seed=np.int64(3), output_type="np", progress=False)
+    b = pipe.generate("a cat", steps=1, seed=3, output_type="np", progress=False)
+    assert a.seeds == [3] and np.array_equal(a.images[0], b.images[0])
+
+
+def test_rgba_arrays_drop_alpha_and_bad_channel_counts_fail(pipe: Any) -> None:
+    import numpy as np
+
+    rgba = np.random.default_rng(0).random((32, 32, 4)).astype(np.float32)
+    kw: dict[str, Any] = dict(steps=2, seed=1, output_type="np", progress=False)
+    assert np.array_equal(
+        pipe.generate("a cat", image=rgba, **kw).images[0],
+        pipe.generate("a cat", image=rgba[..., :3], **kw).images[0],
+    )
+    with pytest.raises(latentkit.InvalidArgumentError, match="channels"):
+        pipe.generate(
+            "a cat",
+            image=np.zeros((3, 32, 32), dtype=np.float32),
+            height=32,
+            width=32,
+            progress=False,
+        )
+
+
+def test_a_loaded_pipeline_ignores_no_device_or_dtype(pipe: Any) -> None:
+    with pytest.raises(latentkit.InvalidArgumentError, match="load_pipeline"):
+        latentkit.generate("a cat", model=pipe, dtype="bf16")
+
+
+def test_a_broken_plugin_does_not_break_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    import latentkit.registry as reg
+
+    class Broken:
+        name, value = "broken", "nowhere:Thing"
+
+        def load(self) -> Any:
+            raise ImportError("no module named nowhere")
+
+    monkeypatch.setattr(reg, "entry_points", lambda *, group: [Broken()])
+    registry: reg.Registry[Any] = reg.Registry("scheduler", "latentkit.schedulers")
+    registry.add("ok", object())
+    assert registry.names() == ["ok"]
+
+
+def test_save_never_replaces_a_file_that_appeared_meanwhile(tmp_path: Any) -> None:
+    from PIL import Image
+
+    from latentkit.results import save_png
+
+    target = tmp_path / "x.png"
+    target.write_bytes(b"someone else's")
+    with pytest.raises(latentkit.InvalidArgumentError, match="already exists"):
+        save_png(Image.new("RGB", (4, 4)), target, None)
+    assert target.read_bytes() == b"someone else's"
+
+
+def test_png_records_the_sampler_as_asked_and_clip_skip(pipe: Any) -> None:
+    result = pipe.generate(
+        "a cat",
+        steps=2,
+        seed=1,
+        scheduler="DPM++ 2M Karras",
+        clip_skip=1,
+        guidance_rescale=0.5,
+        progress=False,
+    )
+    text = result.parameters[0].a1111()
+    assert (
+        "Sampler: DPM++ 2M Karras" in text
+        and "Clip skip: 1" in text
+        and "Guidance rescale: 0.5" in text
+    )

@@ -621,9 +621,3 @@ def test_unipc_accepts_orders_above_three_and_is_hashable() -> None:
         schedulers.create("unipc", solver_order=4, disable_corrector=(1, 3))
     )
     assert scheduler.to_config()["disable_corrector"] == [1, 3]
-
-
-def test_report_max_errors() -> None:
-    # Printed with ``-s``: the largest relative difference met per registration so far.
-    for name, error in sorted(MAX_ERRORS.items()):
-        print(f"{name}: {error:.3g}")

@@ -329,10 +329,3 @@ def test_pndm_runge_kutta_warm_up_cannot_start_part_way() -> None:
     for inpaint in (False, True):
         sample = run_ours(scheduler, 10, 0, inpaint=inpaint)[0]
         check("pndm", sample, run_theirs(scheduler, 10, 0, inpaint=inpaint)[0])
-
-
-def test_report_max_errors() -> None:
-    # Run last (-s shows it): the largest relative difference to diffusers per scheduler.
-    print("\nmax relative error vs diffusers (img2img / inpaint):")
-    for name, error in sorted(MAX_ERRORS.items()):
-        print(f"  {name:24s} {error:.3g}")

@@ -85,4 +85,5 @@ class DepthConditioner:
         )
         low = torch.amin(depth, dim=[1, 2, 3], keepdim=True)
         high = torch.amax(depth, dim=[1, 2, 3], keepdim=True)
-        return (2.0 * (depth - low) / (high - low) - 1.0).to(dtype)
+        # A constant map (a flat estimate) would divide 0 by 0; it becomes all -1 instead.
+        return (2.0 * (depth - low) / (high - low).clamp_min(1e-12) - 1.0).to(dtype)

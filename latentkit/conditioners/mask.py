@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from latentkit.conditioners import register
+from latentkit.noise import first_generator
 from latentkit.protocols import Autoencoder, ConditionTarget, Generators
 
 
@@ -52,5 +53,5 @@ class MaskConditioner:
         mask = F.interpolate(value.mask, size=(h, w)).to(device=device, dtype=dtype)
         pixels = value.pixels.to(device=device, dtype=dtype)
         masked = pixels * (value.mask.to(device=device, dtype=dtype) < 0.5)
-        first = generator[0] if isinstance(generator, (list, tuple)) else generator
-        return torch.cat([mask, self.autoencoder.encode(masked, generator=first)], dim=1)
+        latents = self.autoencoder.encode(masked, generator=first_generator(generator))
+        return torch.cat([mask, latents], dim=1)

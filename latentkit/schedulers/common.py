@@ -546,6 +546,17 @@ class DiscreteScheduler(abc.ABC):
             bool(getattr(self, "rescale_betas_zero_snr", False)),
         )
 
+    def _integer_timesteps(self, steps: int) -> torch.Tensor:
+        """Spaced training timesteps rounded to int64, the grid of DDPM and DDIM."""
+        self._check_steps(steps)
+        spaced = spaced_timesteps(
+            self.timestep_spacing,
+            steps,
+            num_train_timesteps=self.num_train_timesteps,
+            steps_offset=self.steps_offset,
+        )
+        return torch.from_numpy(self._within_training_range(np.round(spaced).astype(np.int64)))
+
     def _check_steps(self, steps: int) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool):
             raise InvalidArgumentError(f"steps must be an int, got {type(steps).__name__}")
@@ -577,20 +588,12 @@ class DiscreteScheduler(abc.ABC):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SigmaScheduler(DiscreteScheduler):
-    """Base of the schedulers that step through a table of noise levels ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``.
-
-    The table is resampled at the spaced timesteps, or replaced by Karras (Karras et al. 2022,
-    eq. 5) or log-uniform sigmas between its ends, and closed by a final sigma.
-    """
+class TabulatedSigmas(DiscreteScheduler):
+    """Base of the schedulers that step through noise levels ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``
+    read off the training table at the spaced timesteps, or respaced between its ends
+    (Karras et al. 2022, eq. 5, or log-uniform) where the subclass has those flags."""
 
     timestep_spacing: TimestepSpacing = "linspace"
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    """Beta-distributed sigmas (Lee et al. 2024); not implemented, accepted only as ``False``."""
-    final_sigmas_type: FinalSigmas = "zero"
-    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -609,53 +612,20 @@ class SigmaScheduler(DiscreteScheduler):
     def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(timesteps, sigmas)`` for an already checked ``steps``; sigmas has one more entry."""
 
-    @abc.abstractmethod
-    def noised(
-        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
-    ) -> torch.Tensor:
-        """``x0`` noised to ``sigmas(steps)[index]`` in the subclass's state space."""
-
-    def _sigma_table(self) -> np.ndarray:
-        # sigma(t) for t = 0 .. N-1 (ascending), float32 as diffusers computes it.
-        return sigma_table(self._alphas_cumprod(), zero_terminal_snr=self.rescale_betas_zero_snr)
-
     def _sigma_spacing(self) -> SigmaSpacing:
+        # Not every diffusers class has these flags (Euler ancestral has none), hence getattr.
         return sigma_spacing(
             self.name,
-            karras=self.use_karras_sigmas,
-            exponential=self.use_exponential_sigmas,
-            beta=self.use_beta_sigmas,
+            karras=bool(getattr(self, "use_karras_sigmas", False)),
+            exponential=bool(getattr(self, "use_exponential_sigmas", False)),
+            beta=bool(getattr(self, "use_beta_sigmas", False)),
         )
-
-    def _respaced(self, sigma_min: float, sigma_max: float, count: int) -> np.ndarray | None:
-        # Karras or exponential sigmas between the given ends, or None to keep the table's.
-        return respaced_sigmas(self._sigma_spacing(), sigma_min, sigma_max, count)
-
-    def _with_final_sigma(self, sigmas: np.ndarray, table: np.ndarray) -> torch.Tensor:
-        # Append the last noise level and round to float32.
-        final = table[0] if self.final_sigmas_type == "sigma_min" else 0.0
-        return torch.from_numpy(np.append(sigmas, final).astype(np.float32))
 
 
 @dataclass(frozen=True, kw_only=True)
-class SigmaTableScheduler(DiscreteScheduler):
-    """Base of the older k-diffusion-style samplers (Euler ancestral, Heun, LMS), whose diffusers
-    classes lack `SigmaScheduler`'s options: sigmas are read off the training table at the
-    spaced timesteps (Karras or exponential where a subclass has those flags) and end at 0.
-
-    ``x`` lives at scale ``x0 + sigma * eps``; the network sees ``x / sqrt(sigma**2 + 1)``.
-    """
-
-    timestep_spacing: TimestepSpacing = "linspace"
-
-    def sigmas(self, steps: int) -> torch.Tensor:
-        """The float32 noise levels of ``steps`` inference steps, plus the final 0."""
-        self._check_steps(steps)
-        return self._schedule(steps)[1]
-
-    def timesteps(self, steps: int) -> torch.Tensor:
-        self._check_steps(steps)
-        return self._schedule(steps)[0]
+class VarianceExploding(TabulatedSigmas):
+    """Samplers whose state is ``x = x0 + sigma * eps`` (Karras et al. 2022's ODE): the start is
+    scaled by the initial noise sigma and the network sees ``x / sqrt(sigma**2 + 1)``."""
 
     def init_noise_sigma(self, steps: int) -> torch.Tensor:
         """The standard deviation of the starting sample for ``steps`` steps."""
@@ -673,8 +643,45 @@ class SigmaTableScheduler(DiscreteScheduler):
     def _initial_sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
         return noise * init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
 
-    def _sigma_spacing(self) -> SigmaSpacing:
-        return "table"
+
+@dataclass(frozen=True, kw_only=True)
+class SigmaScheduler(TabulatedSigmas):
+    """Base of the schedulers with diffusers' full sigma options (Euler, the DPM-Solver family,
+    UniPC): Karras, exponential or table sigmas, closed by a final sigma."""
+
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    """Beta-distributed sigmas (Lee et al. 2024); not implemented, accepted only as ``False``."""
+    final_sigmas_type: FinalSigmas = "zero"
+    rescale_betas_zero_snr: bool = False
+
+    @abc.abstractmethod
+    def noised(
+        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
+    ) -> torch.Tensor:
+        """``x0`` noised to ``sigmas(steps)[index]`` in the subclass's state space."""
+
+    def _sigma_table(self) -> np.ndarray:
+        # sigma(t) for t = 0 .. N-1 (ascending), float32 as diffusers computes it.
+        return sigma_table(self._alphas_cumprod(), zero_terminal_snr=self.rescale_betas_zero_snr)
+
+    def _respaced(self, sigma_min: float, sigma_max: float, count: int) -> np.ndarray | None:
+        # Karras or exponential sigmas between the given ends, or None to keep the table's.
+        return respaced_sigmas(self._sigma_spacing(), sigma_min, sigma_max, count)
+
+    def _with_final_sigma(self, sigmas: np.ndarray, table: np.ndarray) -> torch.Tensor:
+        # Append the last noise level and round to float32.
+        final = table[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        return torch.from_numpy(np.append(sigmas, final).astype(np.float32))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigmaTableScheduler(VarianceExploding):
+    """Base of the older k-diffusion-style samplers (Euler ancestral, Heun, LMS), whose diffusers
+    classes lack `SigmaScheduler`'s options: sigmas are read off the training table at the
+    spaced timesteps (Karras or exponential where a subclass has those flags) and end at 0.
+    """
 
     def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         # (float32 timesteps, float32 sigmas with the final 0) for an already checked steps.

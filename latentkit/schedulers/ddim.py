@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from latentkit.errors import InvalidArgumentError
@@ -18,7 +17,6 @@ from latentkit.schedulers.common import (
     predicted_eps,
     predicted_x0,
     resumed,
-    spaced_timesteps,
 )
 
 
@@ -53,14 +51,7 @@ class DDIM(DiscreteScheduler):
             raise InvalidArgumentError(f"ddim: eta must be >= 0, got {self.eta}")
 
     def timesteps(self, steps: int) -> torch.Tensor:
-        self._check_steps(steps)
-        spaced = spaced_timesteps(
-            self.timestep_spacing,
-            steps,
-            num_train_timesteps=self.num_train_timesteps,
-            steps_offset=self.steps_offset,
-        )
-        return torch.from_numpy(self._within_training_range(np.round(spaced).astype(np.int64)))
+        return self._integer_timesteps(steps)
 
     def _sample(
         self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 
 from latentkit.errors import InvalidArgumentError
@@ -22,7 +21,6 @@ from latentkit.schedulers.common import (
     dynamic_threshold,
     predicted_x0,
     resumed,
-    spaced_timesteps,
 )
 
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
@@ -57,14 +55,7 @@ class DDPM(DiscreteScheduler):
     rescale_betas_zero_snr: bool = False
 
     def timesteps(self, steps: int) -> torch.Tensor:
-        self._check_steps(steps)
-        spaced = spaced_timesteps(
-            self.timestep_spacing,
-            steps,
-            num_train_timesteps=self.num_train_timesteps,
-            steps_offset=self.steps_offset,
-        )
-        return torch.from_numpy(self._within_training_range(np.round(spaced).astype(np.int64)))
+        return self._integer_timesteps(steps)
 
     def _sample(
         self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int

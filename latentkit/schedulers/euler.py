@@ -15,18 +15,17 @@ from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
     SigmaScheduler,
-    init_noise_sigma,
+    VarianceExploding,
     interpolated_schedule,
     predicted_x0_ve,
     resumed,
     spaced_timesteps,
-    ve_noised,
 )
 
 
 @register("euler")
 @dataclass(frozen=True, kw_only=True)
-class Euler(SigmaScheduler):
+class Euler(VarianceExploding, SigmaScheduler):
     """Euler sampler over sigmas; ``x`` lives at scale ``x0 + sigma * eps``.
 
     The network sees ``x / sqrt(sigma**2 + 1)``, the variance-preserving sample it was
@@ -66,22 +65,6 @@ class Euler(SigmaScheduler):
             # One 0-d log at a time, as diffusers does (vectorised log may differ in the last bit).
             return torch.stack([0.25 * s.log() for s in all_sigmas[:-1]]), all_sigmas
         return torch.from_numpy(self._within_training_range(timesteps)), all_sigmas
-
-    def init_noise_sigma(self, steps: int) -> torch.Tensor:
-        """The standard deviation of the starting sample for ``steps`` steps."""
-        self._check_steps(steps)
-        return init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
-
-    def noised(
-        self, x0: torch.Tensor, noise: torch.Tensor, *, steps: int, index: int
-    ) -> torch.Tensor:
-        """``x0 + sigma * noise`` at ``sigma = sigmas(steps)[index]`` (diffusers' ``add_noise``)."""
-        sigmas = self.sigmas(steps)
-        self._check_index(index, len(sigmas) - 1)
-        return ve_noised(x0, noise, sigmas[index])
-
-    def _initial_sample(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
-        return noise * init_noise_sigma(self._schedule(steps)[1], self.timestep_spacing)
 
     def _sample(
         self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int

@@ -12,11 +12,9 @@ import torch
 from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
-    SigmaSpacing,
     SigmaTableScheduler,
     predicted_x0_ve,
     resumed,
-    sigma_spacing,
 )
 
 
@@ -55,14 +53,6 @@ class Heun(SigmaTableScheduler):
         """The noise level at every evaluation, plus the final 0."""
         sigmas = super().sigmas(steps)
         return torch.cat([_per_evaluation(sigmas[:-1]), sigmas[-1:]])
-
-    def _sigma_spacing(self) -> SigmaSpacing:
-        return sigma_spacing(
-            self.name,
-            karras=self.use_karras_sigmas,
-            exponential=self.use_exponential_sigmas,
-            beta=self.use_beta_sigmas,
-        )
 
     def _sample(
         self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int

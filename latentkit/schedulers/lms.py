@@ -15,11 +15,9 @@ from latentkit.errors import InvalidArgumentError
 from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
-    SigmaSpacing,
     SigmaTableScheduler,
     predicted_x0_ve,
     resumed,
-    sigma_spacing,
 )
 
 
@@ -46,14 +44,6 @@ class LMS(SigmaTableScheduler):
         self._sigma_spacing()  # checks the flags
         if self.order < 1:
             raise InvalidArgumentError(f"lms: order must be at least 1, got {self.order}")
-
-    def _sigma_spacing(self) -> SigmaSpacing:
-        return sigma_spacing(
-            self.name,
-            karras=self.use_karras_sigmas,
-            exponential=self.use_exponential_sigmas,
-            beta=self.use_beta_sigmas,
-        )
 
     def _sample(
         self, model: Denoiser, x: torch.Tensor, steps: int, generator: Generators, start: int
