@@ -80,6 +80,11 @@ class ModelFiles:
             root, name, {c: tuple(root / f for f in fs) for c, fs in weights.items()}, variant
         )
 
+    def model_index(self) -> dict[str, Any]:
+        """The pipeline's ``model_index.json`` (component → [library, class])."""
+        data: dict[str, Any] = json.loads((self.root / "model_index.json").read_text())
+        return data
+
     def config(self, component: str) -> dict[str, Any]:
         path = self.root / CONFIG_FILES[component]
         if not path.is_file():

@@ -8,6 +8,7 @@ guidance (Ho & Salimans 2022, eq. 6) mixes conditional and unconditional predict
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
 import random
@@ -39,6 +40,9 @@ from latentkit.results import (
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import AutoencoderKL
     from latentkit.models.unet import UNet2DCondition
+
+
+logger = logging.getLogger("latentkit")
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,24 @@ class StableDiffusion:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         scheduler_config = files.config("scheduler")
+        # Like diffusers, the class named in model_index.json wins over the config's own.
+        listed = files.model_index().get("scheduler")
+        if isinstance(listed, list) and len(listed) == 2 and isinstance(listed[1], str):
+            scheduler_config = {**scheduler_config, "_class_name": listed[1]}
         scheduler = schedulers.from_config(scheduler_config)
+        # diffusers' StableDiffusionPipeline corrects outdated scheduler configs when it loads
+        # them (steps_offset 1, clip_sample off); so do we, so a model gives the same images.
+        fixes: dict[str, Any] = {}
+        if getattr(scheduler, "steps_offset", 1) != 1:
+            fixes["steps_offset"] = 1
+        if getattr(scheduler, "clip_sample", False) is True:
+            fixes["clip_sample"] = False
+        if fixes:
+            logger.warning(
+                "%s: outdated scheduler config, using %s as diffusers does", files.name, fixes
+            )
+            scheduler_config = {**scheduler_config, **fixes}
+            scheduler = schedulers.from_config(scheduler_config)
         unet_config = UNetConfig.from_dict(files.config("unet"))
         vae_config = AutoencoderKLConfig.from_dict(files.config("vae"))
         files.config("text_encoder")  # fail early, before any weights are read

@@ -252,3 +252,30 @@ def test_prompt_and_seed_change_the_image(sd1: Any) -> None:
     a = ours(sd1, 0, prompt="a cat", steps=3)
     assert np.abs(a - ours(sd1, 0, prompt="a red photo", steps=3)).max() > 1e-3
     assert np.abs(a - ours(sd1, 1, prompt="a cat", steps=3)).max() > 1e-3
+
+
+def test_outdated_scheduler_config_is_corrected_as_diffusers_does(
+    sd1_path: Path, tmp_path: Path
+) -> None:
+    """Older repos' configs lack steps_offset/clip_sample; diffusers' pipeline sets them to 1/False."""
+    import json
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(sd1_path, folder)
+    config = {
+        "_class_name": "DDIMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+    }
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    # diffusers takes the scheduler class from model_index.json; so does latentkit.
+    assert latentkit.load_pipeline(folder, device="cpu", progress=False).scheduler.name == "pndm"
+    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = latentkit.load_pipeline(folder, device="cpu", progress=False)
+    assert pipe.scheduler.steps_offset == 1 and pipe.scheduler.clip_sample is False
+    ref = reference(diffusers_pipe(folder), 2, prompt="a cat", num_inference_steps=4)
+    assert np.abs(ours(pipe, 2, prompt="a cat", steps=4) - ref).max() <= TOL

@@ -128,6 +128,29 @@ class AutoencoderKLConfig:
             force_upcast=bool(d.get("force_upcast", True)),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """This config as a diffusers ``vae/config.json`` (`from_dict` reads it back equal)."""
+        blocks = len(self.block_out_channels)
+        sample_size = self.sample_size
+        return {
+            "_class_name": "AutoencoderKL",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * blocks,
+            "up_block_types": ["UpDecoderBlock2D"] * blocks,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "act_fn": "silu",
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "sample_size": list(sample_size) if isinstance(sample_size, tuple) else sample_size,
+            "scaling_factor": self.scaling_factor,
+            "use_quant_conv": self.use_quant_conv,
+            "use_post_quant_conv": self.use_post_quant_conv,
+            "mid_block_add_attention": self.mid_block_add_attention,
+            "force_upcast": self.force_upcast,
+        }
+
 
 @dataclass(frozen=True)
 class DiagonalGaussian:

@@ -186,6 +186,36 @@ class UNetConfig:
             else sample_size,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """This config as a diffusers ``unet/config.json`` (`from_dict` reads it back equal).
+
+        The head counts are written as ``attention_head_dim``, the field SD configs use for
+        them (diffusers refuses ``num_attention_heads`` for this model class).
+        """
+        sample_size = self.sample_size
+        return {
+            "_class_name": "UNet2DConditionModel",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "down_block_types": list(self.down_block_types),
+            "up_block_types": list(self.up_block_types),
+            "attention_head_dim": list(self.num_attention_heads),
+            "cross_attention_dim": self.cross_attention_dim,
+            "transformer_layers_per_block": self.transformer_layers_per_block,
+            "use_linear_projection": self.use_linear_projection,
+            "upcast_attention": self.upcast_attention,
+            "norm_num_groups": self.norm_num_groups,
+            "norm_eps": self.norm_eps,
+            "flip_sin_to_cos": self.flip_sin_to_cos,
+            "freq_shift": self.freq_shift,
+            "downsample_padding": self.downsample_padding,
+            "mid_block_scale_factor": self.mid_block_scale_factor,
+            "dropout": self.dropout,
+            "sample_size": list(sample_size) if isinstance(sample_size, tuple) else sample_size,
+        }
+
 
 class UpBlock(nn.Module):
     """ResNet blocks fed the matching skip connections (Ronneberger et al. 2015), each optionally
