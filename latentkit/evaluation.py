@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import permutations
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -406,3 +406,54 @@ def format_table(reports: Report | Mapping[str, Report]) -> str:
 
     rule = "|" + "|".join("-" * (wd + 2) for wd in widths) + "|"
     return "\n".join([line(header), rule, *(line(row) for row in body)])
+
+
+def sampler_grid(
+    pipe: Any,
+    prompts: Sequence[str],
+    runs: Sequence[tuple[str, int, float]],
+    *,
+    seed: int = 0,
+    batch: int = 16,
+    progress: bool = True,
+) -> dict[str, Report]:
+    """Generate every prompt once per ``(scheduler, steps, guidance_scale)`` run and evaluate.
+
+    Image ``i`` uses seed ``seed + i`` in every run, so runs differ only in the sampler.
+    """
+    from tqdm.auto import tqdm
+
+    reports: dict[str, Report] = {}
+    reference = reference_images(prompts, seed=seed + 1, size=pipe.default_size[0])
+    for scheduler, steps, guidance in tqdm(runs, desc="runs", disable=not progress):
+        images: list[ImageLike] = []
+        for start in range(0, len(prompts), batch):
+            chunk = list(prompts[start : start + batch])
+            result = pipe.generate(
+                chunk,
+                scheduler=scheduler,
+                steps=steps,
+                guidance_scale=guidance,
+                seed=[seed + start + i for i in range(len(chunk))],
+                progress=False,
+            )
+            images += result.images
+        reports[f"{scheduler} {steps} steps, cfg {guidance:g}"] = evaluate(
+            images, prompts, reference=reference
+        )
+    return reports
+
+
+def default_runs(
+    *,
+    steps: Sequence[int] = (5, 10, 20, 50),
+    guidance: Sequence[float] = (1.0, 3.0, 7.5),
+    ddpm_steps: int = 1000,
+) -> list[tuple[str, int, float]]:
+    """The grid of the docs' table: DDPM at ``ddpm_steps``, DDIM and DPM-Solver++ at each of ``steps``."""
+    runs: list[tuple[str, int, float]] = []
+    for g in guidance:
+        if ddpm_steps:
+            runs.append(("ddpm", ddpm_steps, g))
+        runs += [(name, n, g) for name in ("ddim", "dpm-solver++") for n in steps]
+    return runs

@@ -170,6 +170,16 @@ def _pick_weights(
     )
 
 
+BUILTIN_MODELS = {"latentkit/shapes": "shapes"}
+"""Models shipped inside the package (``latentkit/assets/<folder>``), addressable by name."""
+
+
+def builtin_model(name: str) -> Path | None:
+    """The folder of the built-in model ``name``, or None if ``name`` is not one."""
+    folder = BUILTIN_MODELS.get(name.strip().lower())
+    return None if folder is None else Path(__file__).parent / "assets" / folder
+
+
 def resolve(
     source: str | os.PathLike[str],
     *,
@@ -186,7 +196,12 @@ def resolve(
     ``source`` is a local folder in the diffusers layout or a Hub repo id (``owner/name``).
     """
     name = os.fspath(source)
-    path = Path(name).expanduser()
+    builtin = builtin_model(name)
+    path = builtin or Path(name).expanduser()
+    if builtin is not None and not builtin.is_dir():
+        raise MissingComponentError(
+            f"the built-in model {name} is not installed (expected {builtin})"
+        )
     if path.is_dir():
         files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
         _, weights = select_files(files, variant=variant, allow_pickle=allow_pickle, name=name)

@@ -359,3 +359,26 @@ def test_depth_repos_also_fetch_their_estimator() -> None:
     assert "depth_estimator" not in weights and not any(
         f.startswith("feature_extractor") for f in plain
     )
+
+
+def test_builtin_model_names(
+    sd1_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import latentkit.loading as loading
+
+    assert (
+        loading.builtin_model("latentkit/shapes")
+        == Path(loading.__file__).parent / "assets" / "shapes"
+    )
+    assert loading.builtin_model("someone/else") is None
+    monkeypatch.setattr(
+        loading, "builtin_model", lambda name: sd1_path if name == "latentkit/shapes" else None
+    )
+    assert latentkit.load_pipeline("latentkit/shapes", progress=False).name == "latentkit/shapes"
+    monkeypatch.setattr(
+        loading,
+        "builtin_model",
+        lambda name: tmp_path / "absent" if name == "latentkit/shapes" else None,
+    )
+    with pytest.raises(latentkit.MissingComponentError, match="not installed"):
+        latentkit.load_pipeline("latentkit/shapes", progress=False)
