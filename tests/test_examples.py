@@ -77,3 +77,28 @@ def test_docs_build_strict(tmp_path: Path) -> None:
     proc = run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)])
     assert proc.returncode == 0, proc.stderr
     assert (site / "index.html").is_file() and (site / "reference" / "index.html").is_file()
+
+
+def test_training_script_writes_a_loadable_model(tmp_path: Path) -> None:
+    """A few steps of examples/train_shapes.py (the script that makes latentkit/shapes)."""
+    out = tmp_path / "shapes"
+    cmd = [sys.executable, "examples/train_shapes.py", "--output", str(out), "--images", "64"]
+    cmd += [
+        "--vae-steps",
+        "2",
+        "--vae-batch",
+        "4",
+        "--unet-steps",
+        "2",
+        "--unet-batch",
+        "4",
+        "--log-every",
+        "1",
+    ]
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import latentkit
+
+    pipe = latentkit.load_pipeline(out, device="cpu", progress=False)
+    image = pipe.generate("a red circle", steps=2, seed=0, progress=False).images[0]
+    assert image.size == (64, 64)
