@@ -24,11 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from latentkit import schedulers
 from latentkit.data.shapes import COLOURS, KINDS, RELATIONS, ShapesDataset
+from latentkit.evaluation import evaluate
 from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from latentkit.models.layers import Attention
 from latentkit.models.unet import UNet2DCondition, UNetConfig
 from latentkit.saving import save_pipeline
 from latentkit.training import EMA, denoiser_loss, drop_context, train_autoencoder
@@ -48,14 +51,17 @@ VAE_CONFIG = {
 
 TEXT_WIDTH = 64
 
+# 16x16 latents; cross-attention at 8x8, 4x4 and the mid block, where a token spans the
+# shapes, and none at 16x16, where self-attention over 256 tokens would cost more than the
+# rest of the network on a CPU.
 UNET_CONFIG = {
     "sample_size": 16,
     "in_channels": 4,
     "out_channels": 4,
-    "block_out_channels": [32, 64, 64],
+    "block_out_channels": [64, 128, 128],
     "layers_per_block": 1,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "cross_attention_dim": TEXT_WIDTH,
     "attention_head_dim": 4,  # a head count, as in SD configs
     "norm_num_groups": 16,
@@ -119,6 +125,7 @@ def build_text_encoder(tokenizer, seed: int):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config._attn_implementation = "eager"  # tiny heads: faster than fused kernels on a CPU
     return CLIPTextModel(config)
 
 
@@ -146,15 +153,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--images", type=int, default=10000, help="training set size")
     parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 autocast while training the denoiser (weights and optimiser stay float32)",
+    )
+    parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
-    parser.add_argument("--unet-steps", type=int, default=1500)
-    parser.add_argument("--unet-batch", type=int, default=32)
-    parser.add_argument("--unet-lr", type=float, default=8e-4)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--unet-batch", type=int, default=64)
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--p-uncond", type=float, default=0.1)
-    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--fp16", action="store_true", help="save weights as float16")
     parser.add_argument("--log-every", type=int, default=100)
     args = parser.parse_args()
@@ -163,6 +177,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
     started = time.perf_counter()
 
     def stamp() -> str:
@@ -180,9 +198,13 @@ def main() -> None:
             print(f"{stamp()} vae step {step}/{args.vae_steps} loss {loss:.4f}", flush=True)
 
     t0 = time.perf_counter()
+    # The autoencoder trains in float32: under bfloat16 autocast its loss fell 7x slower
+    # (0.77 vs 0.11 after 150 steps), while the denoiser's curve is the same in both.
     train_autoencoder(
         vae,
-        Batches(images, batch=args.vae_batch, seed=args.seed + 2, transform=lambda x: [to_unit(x)]),
+        Batches(
+            images, batch=args.vae_batch, seed=args.seed + 2, transform=lambda x: [to_unit(x)]
+        ),
         steps=args.vae_steps,
         lr=args.vae_lr,
         kl_weight=args.kl_weight,
@@ -204,6 +226,12 @@ def main() -> None:
         check = to_unit(images[:256]).to(device)
         rec = vae.decode(vae.posterior(check).mean * vae.scaling_factor)
         rec_l1 = float((rec - check).abs().mean())
+    # The ceiling for the whole model: how many reconstructions the evaluator still accepts.
+    rec_images = [
+        Image.fromarray(x)
+        for x in ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    ]
+    rec_report = evaluate(rec_images, captions[:256])
     std = float(means.std())
     vae_config = dataclasses.replace(vae.config, scaling_factor=1.0 / std)
     shipped_vae = AutoencoderKL(vae_config)
@@ -212,7 +240,8 @@ def main() -> None:
     latents = means / std
     print(
         f"{stamp()} latents {tuple(latents.shape)} std {std:.4f} -> scaling_factor "
-        f"{1 / std:.4f}; reconstruction L1 (mean) {rec_l1:.4f}",
+        f"{1 / std:.4f}; reconstruction L1 (mean) {rec_l1:.4f}, adherence "
+        f"{rec_report.overall.adherence:.3f} ({rec_report.overall.correct}/{rec_report.overall.n})",
         flush=True,
     )
 
@@ -226,6 +255,9 @@ def main() -> None:
     torch.manual_seed(args.seed + 5)
     unet = UNet2DCondition(UNetConfig.from_dict(UNET_CONFIG)).to(device)
     model = Joint(text_encoder, unet).train()
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.backend = "math"  # tiny heads: faster than the fused kernels' CPU backward
     scheduler = schedulers.create(
         "ddpm",
         beta_schedule="scaled_linear",
@@ -257,10 +289,13 @@ def main() -> None:
                 data = iter(batches)
                 x0, batch_ids = next(data)
             x0, batch_ids = x0.to(device), batch_ids.to(device)
-            context = text_encoder(batch_ids)[0]
-            empty = text_encoder(empty_ids)[0]
-            context = drop_context(context, empty, p_uncond=args.p_uncond, generator=generator)
-            loss = denoiser_loss(unet, scheduler, x0, context, generator)
+            with autocast():
+                context = text_encoder(batch_ids)[0]
+                empty = text_encoder(empty_ids)[0]
+                context = drop_context(context, empty, p_uncond=args.p_uncond, generator=generator)
+                loss = denoiser_loss(
+                    unet, scheduler, x0, context, generator, snr_gamma=args.snr_gamma
+                )
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad(set_to_none=True)
@@ -285,6 +320,9 @@ def main() -> None:
     # ------------------------------------------------------------ save
     ema.copy_to(model)
     model.eval()
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.backend = "sdpa"
     if args.fp16:
         for module in (unet, text_encoder, vae):
             module.half()

@@ -20,6 +20,8 @@ from latentkit.errors import (
     UnsupportedModelError,
     WeightMismatchError,
 )
+from latentkit.models.autoencoder import Tiling
+from latentkit.performance import Performance
 from latentkit.pipeline import StableDiffusion
 from latentkit.protocols import Autoencoder, Conditioner, Denoiser, Pipeline, SamplerStep, Scheduler
 from latentkit.results import GenerationParameters, GenerationResult
@@ -37,11 +39,13 @@ __all__ = [
     "MissingComponentError",
     "ModelNotCachedError",
     "ModelNotFoundError",
+    "Performance",
     "PickleWeightsError",
     "Pipeline",
     "SamplerStep",
     "Scheduler",
     "StableDiffusion",
+    "Tiling",
     "UnknownNameError",
     "UnsupportedModelError",
     "WeightMismatchError",

@@ -12,6 +12,7 @@ import torch
 from latentkit.devices import resolve_device, resolve_dtype
 from latentkit.errors import InvalidArgumentError
 from latentkit.images import ImageInput
+from latentkit.performance import Performance
 from latentkit.pipeline import StableDiffusion
 from latentkit.protocols import Callback, Scheduler, Seeds
 from latentkit.results import GenerationResult, OutputType
@@ -31,13 +32,16 @@ def load_pipeline(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    performance: Performance | None = None,
 ) -> StableDiffusion:
     """Load a Stable Diffusion 1.x/2.x model from a Hub repo id or a local diffusers folder.
 
     Only the files the pipeline uses are downloaded (configs, tokenizer, one weight file per
     component of ``variant``, e.g. ``"fp16"``); the Hub cache, ``HF_HUB_OFFLINE=1`` and
     ``revision`` pinning work as in huggingface_hub. Pickle weights are refused unless
-    ``allow_pickle=True``.
+    ``allow_pickle=True``. ``performance`` picks how the networks run (fused attention,
+    channels-last, bf16 autocast, compilation, tiling, offloading; see
+    `latentkit.Performance`); the default is the plain path.
 
     Example:
         >>> pipe = latentkit.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP
@@ -48,6 +52,13 @@ def load_pipeline(
     # Check the cheap arguments before touching the network or the disk.
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if performance is not None and not isinstance(performance, Performance):
+        raise InvalidArgumentError(
+            f"performance must be a latentkit.Performance, not {type(performance).__name__}"
+        )
+    from latentkit.performance import Runtime
+
+    Runtime(performance or Performance(), dev).check()
     files = resolve(
         source,
         revision=revision,
@@ -58,7 +69,9 @@ def load_pipeline(
         allow_pickle=allow_pickle,
         progress=progress,
     )
-    return StableDiffusion.from_files(files, device=dev, dtype=dt, progress=progress)
+    return StableDiffusion.from_files(
+        files, device=dev, dtype=dt, progress=progress, performance=performance
+    )
 
 
 _cache_lock = threading.Lock()
@@ -70,16 +83,24 @@ def _cached_pipeline(
     device: str | torch.device,
     dtype: str | torch.dtype,
     progress: bool,
+    performance: Performance | None,
 ) -> StableDiffusion:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source = os.fspath(model)
-    key = (os.path.abspath(source) if os.path.isdir(source) else source, str(dev), dt)
+    key = (
+        os.path.abspath(source) if os.path.isdir(source) else source,
+        str(dev),
+        dt,
+        performance or Performance(),
+    )
     with _cache_lock:
         if key not in _cache:
             # Keep one model: Stable Diffusion weights take gigabytes.
             _cache.clear()
-            _cache[key] = load_pipeline(source, device=dev, dtype=dt, progress=progress)
+            _cache[key] = load_pipeline(
+                source, device=dev, dtype=dt, progress=progress, performance=performance
+            )
         return _cache[key]
 
 
@@ -114,6 +135,7 @@ def generate(
     mask_image: ImageInput | None = None,
     strength: float | None = None,
     depth_map: ImageInput | None = None,
+    performance: Performance | None = None,
 ) -> GenerationResult:
     """Generate images from a text prompt in one call.
 
@@ -153,6 +175,8 @@ def generate(
         depth_map: For depth-to-image models (5 input channels): the depth to follow, as a
             grey image, an array or a tensor (H, W); without it, the model's own depth
             estimator reads ``image``.
+        performance: Speed and memory options for loading ``model`` (see
+            `latentkit.Performance`); part of the key of the kept pipeline.
 
     Prompts longer than the text encoder's 77-token window are encoded in chunks and the
     chunks concatenated, never cut; ``(word:1.3)``, ``(word)`` and ``[word]`` weight words as
@@ -163,14 +187,14 @@ def generate(
         >>> result.images[0].save("cat.png")  # doctest: +SKIP
     """
     if isinstance(model, StableDiffusion):
-        if device != "auto" or dtype != "auto":
+        if device != "auto" or dtype != "auto" or performance is not None:
             raise InvalidArgumentError(
-                "device and dtype are fixed when a pipeline is loaded: pass them to "
-                "load_pipeline, not with model=<pipeline>"
+                "device, dtype and performance are fixed when a pipeline is loaded: pass "
+                "them to load_pipeline, not with model=<pipeline>"
             )
         pipe = model
     else:
-        pipe = _cached_pipeline(model, device, dtype, progress)
+        pipe = _cached_pipeline(model, device, dtype, progress, performance)
     return pipe.generate(
         prompt,
         negative_prompt=negative_prompt,

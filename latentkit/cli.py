@@ -71,6 +71,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    speed = gen.add_argument_group("speed and memory (see docs/performance.md)")
+    speed.add_argument(
+        "--autocast",
+        choices=["bf16", "fp16"],
+        default=None,
+        help="matmuls and convolutions in this precision (bf16: fast CPU mode)",
+    )
+    speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
+    speed.add_argument("--fuse-qkv", action="store_true", help="fused attention projections")
+    speed.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
+    speed.add_argument(
+        "--attention-slice",
+        type=int,
+        default=None,
+        metavar="N",
+        help="attention slicing: N (batch x head) slices at a time",
+    )
+    speed.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    speed.add_argument("--cuda-graphs", action="store_true", help="replay the UNet as CUDA graphs")
+    speed.add_argument("--tile-vae", action="store_true", help="decode large images in tiles")
+    speed.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep networks in CPU memory, move each to the GPU while it runs",
+    )
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -141,6 +166,7 @@ def _generate(args: argparse.Namespace) -> int:
     from latentkit import images
     from latentkit.api import load_pipeline
     from latentkit.errors import InvalidArgumentError
+    from latentkit.performance import Performance
     from latentkit.results import output_paths
 
     output: Path = args.output
@@ -156,7 +182,24 @@ def _generate(args: argparse.Namespace) -> int:
         what: None if path is None else images.open_image(path, what)
         for what, path in (("--image", args.image), ("--mask", args.mask), ("--depth", args.depth))
     }
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    performance = Performance(
+        autocast=args.autocast,
+        channels_last=args.channels_last,
+        fuse_qkv=args.fuse_qkv,
+        attention=args.attention,
+        attention_slice_size=args.attention_slice,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        vae_tiling=args.tile_vae,
+        cpu_offload=args.offload,
+    )
+    pipe = load_pipeline(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        performance=performance,
+    )
     result = pipe.generate(
         args.prompt,
         negative_prompt=args.negative,

@@ -28,6 +28,7 @@ from latentkit.errors import InvalidArgumentError
 from latentkit.images import ImageInput
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
 from latentkit.noise import first_generator, randn
+from latentkit.performance import Performance, Runtime
 from latentkit.protocols import Callback, Generators, Scheduler, Seeds
 from latentkit.results import (
     OUTPUT_TYPES,
@@ -85,6 +86,20 @@ class StableDiffusion:
     name: str
     depth: DepthConditioner | None = None
     """Depth conditioning with the repo's own estimator, for depth-to-image models."""
+    runtime: Runtime | None = None
+    """How the networks run (`latentkit.Performance`); None: the plain path."""
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            runtime = Runtime(Performance(), self.device)
+            runtime.prepare(self.unet, self.vae)
+            object.__setattr__(self, "runtime", runtime)
+
+    @property
+    def performance(self) -> Performance:
+        """The speed and memory options this pipeline was loaded with."""
+        assert self.runtime is not None
+        return self.runtime.performance
 
     @classmethod
     def from_files(
@@ -94,6 +109,7 @@ class StableDiffusion:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         progress: bool = True,
+        performance: Performance | None = None,
     ) -> StableDiffusion:
         """Build the pipeline from resolved model files (see `latentkit.load_pipeline`)."""
         from tqdm.auto import tqdm
@@ -108,6 +124,9 @@ class StableDiffusion:
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        runtime = Runtime(performance or Performance(), dev)
+        runtime.check()
+        home = runtime.storage_device  # the CPU when offloading, else the device
         scheduler_config = files.config("scheduler")
         # Like diffusers, the class named in model_index.json wins over the config's own.
         listed = files.model_index().get("scheduler")
@@ -138,15 +157,15 @@ class StableDiffusion:
                 unet = UNet2DCondition(unet_config)
                 vae = AutoencoderKL(vae_config)
             load_into(
-                unet, read_state_dict(files.weights["unet"], device=dev, dtype=dt), name="unet"
+                unet, read_state_dict(files.weights["unet"], device=home, dtype=dt), name="unet"
             )
             bar.update()
             renamed = read_state_dict(
-                files.weights["vae"], device=dev, dtype=dt, rename=rename_legacy_key
+                files.weights["vae"], device=home, dtype=dt, rename=rename_legacy_key
             )
             load_into(vae, renamed, name="vae")
             bar.update()
-            text_encoder = _transformers_model(CLIPTextModel, files, "text_encoder", dev, dt)
+            text_encoder = _transformers_model(CLIPTextModel, files, "text_encoder", home, dt)
             bar.update()
             tokenizer = CLIPTokenizer.from_pretrained(
                 str(files.root / "tokenizer"), local_files_only=True
@@ -154,7 +173,8 @@ class StableDiffusion:
             bar.update()
             depth = None
             if "depth_estimator" in files.weights:
-                depth = _load_depth_estimator(files, dev, dt)
+                depth = _load_depth_estimator(files, home, dt)
+            runtime.prepare(unet, vae)
         return cls(
             unet=unet,
             vae=vae,
@@ -165,6 +185,7 @@ class StableDiffusion:
             dtype=dt,
             name=files.name,
             depth=depth,
+            runtime=runtime,
         )
 
     def with_scheduler(self, scheduler: str | Scheduler, /, **options: Any) -> StableDiffusion:
@@ -322,14 +343,16 @@ class StableDiffusion:
     def _encode(self, pixels: torch.Tensor, generators: Generators) -> torch.Tensor:
         """Scaled latents of ``pixels``, sampled from the posterior as diffusers does: one
         image per generator when there is a list of them."""
+        assert self.runtime is not None
+        tiling = self.runtime.tiling
         if isinstance(generators, Sequence):
             return torch.cat(
                 [
-                    self.vae.encode(pixels[i : i + 1], generator=generators[i])
+                    self.vae.encode(pixels[i : i + 1], generator=generators[i], tiling=tiling)
                     for i in range(pixels.shape[0])
                 ]
             )
-        return self.vae.encode(pixels, generator=generators)
+        return self.vae.encode(pixels, generator=generators, tiling=tiling)
 
     def _check_prompts(
         self,
@@ -481,101 +504,117 @@ class StableDiffusion:
         _check_size("height", height, self.vae.scale_factor)
         _check_size("width", width, self.vae.scale_factor)
         batch = len(prompts) * num_images
-        seeds = _seeds(seed, batch)
-        sched = self.resolve_scheduler(scheduler)
-        start = (
-            0 if inputs is None or inputs.from_noise else sched.start_index(steps, inputs.strength)
-        )
-
-        # The text embeddings: each prompt repeated num_images times, negatives first for CFG.
-        context = self._text_context(
-            prompts, negatives, prompt_embeds, negative_prompt_embeds, guided, clip_skip
-        ).repeat_interleave(num_images, dim=0)  # rows stay grouped: [negatives; prompts]
-
-        generators: list[torch.Generator] | torch.Generator
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        if seed is None or isinstance(seed, int):
-            generators = generators[0]  # one generator for the batch, as diffusers draws it
-        shape = (
-            batch,
-            self.vae.latent_channels,
-            height // self.vae.scale_factor,
-            width // self.vae.scale_factor,
-        )
-        if inputs is None:
-            noise = randn(shape, generator=generators, device=self.device, dtype=self.dtype)
-            init = extra = blend = None
-        else:
-            noise, init, extra, blend = self._image_latents(inputs, shape, generators)
-        if extra is not None and guided:
-            extra = torch.cat([extra, extra])
-
-        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x, x]) if guided else x
-            if extra is not None:  # inpainting models read mask and masked image as channels
-                x_in = torch.cat([x_in, extra], dim=1)
-            out: torch.Tensor = self.unet(x_in, t, context)
-            if not guided:
-                return out
-            out_uncond, out_text = out.chunk(2)
-            # Classifier-free guidance, Ho & Salimans 2022 eq. 6.
-            out = out_uncond + guidance_scale * (out_text - out_uncond)
-            return (
-                rescale_guidance(out, out_text, guidance_rescale) if guidance_rescale > 0 else out
+        assert self.runtime is not None
+        rt = self.runtime
+        with rt.session():
+            seeds = _seeds(seed, batch)
+            sched = self.resolve_scheduler(scheduler)
+            start = (
+                0
+                if inputs is None or inputs.from_noise
+                else sched.start_index(steps, inputs.strength)
             )
 
-        from tqdm.auto import tqdm
+            # The text embeddings: each prompt repeated num_images times, negatives first for CFG.
+            with rt.stage(self.text.text_encoder):
+                context = self._text_context(
+                    prompts, negatives, prompt_embeds, negative_prompt_embeds, guided, clip_skip
+                ).repeat_interleave(num_images, dim=0)  # rows stay grouped: [negatives; prompts]
 
-        run = sched.sample(model, noise, steps=steps, generator=generators, start=start, init=init)
-        latents = noise
-        replacement: torch.Tensor | None = None
-        with tqdm(
-            total=len(sched.timesteps(steps)) - start,
-            disable=not progress,
-            desc="denoising",
-            leave=False,
-        ) as bar:
-            while True:
-                try:
-                    step = run.send(replacement)
-                except StopIteration:
-                    break
-                latents = step.sample
-                if blend is not None:
-                    # Keep the known region: the original latents, noised to the level the
-                    # sampler has reached, outside the mask (the last step keeps them clean).
-                    mask, known = blend
-                    following = start + step.index + 1
-                    if step.index < step.total - 1:
-                        known = sched.noised(known, noise, steps=steps, index=following)
-                    latents = replacement = (1 - mask) * known + mask * latents
-                    step = dataclasses.replace(step, sample=latents)
-                bar.update(1)
-                if callback is not None:
-                    callback(step)
-
-        if output_type == "latent":
-            images: list[Any] = list(latents)
-        else:
-            images = to_output(self.vae.decode(latents), output_type)
-        params = [
-            GenerationParameters(
-                prompt=prompts[i // num_images],
-                negative_prompt=negatives[i // num_images],
-                steps=steps,
-                scheduler=scheduler if isinstance(scheduler, str) else sched.name,
-                guidance_scale=guidance_scale,
-                seed=seeds[i],
-                width=width,
-                height=height,
-                model=self.name,
-                strength=None if inputs is None else inputs.strength,
-                clip_skip=clip_skip,
-                guidance_rescale=guidance_rescale,
+            generators: list[torch.Generator] | torch.Generator
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            if seed is None or isinstance(seed, int):
+                generators = generators[0]  # one generator for the batch, as diffusers draws it
+            shape = (
+                batch,
+                self.vae.latent_channels,
+                height // self.vae.scale_factor,
+                width // self.vae.scale_factor,
             )
-            for i in range(batch)
-        ]
-        return GenerationResult(images=images, parameters=params)
+            if inputs is None:
+                noise = randn(shape, generator=generators, device=self.device, dtype=self.dtype)
+                init = extra = blend = None
+            else:
+                estimator = None if self.depth is None else self.depth.estimator
+                with rt.stage(self.vae, estimator):
+                    noise, init, extra, blend = self._image_latents(inputs, shape, generators)
+            if extra is not None and guided:
+                extra = torch.cat([extra, extra])
+
+            def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                x_in = torch.cat([x, x]) if guided else x
+                if extra is not None:  # inpainting models read mask and masked image as channels
+                    x_in = torch.cat([x_in, extra], dim=1)
+                out = rt.unet(x_in, t, context)
+                if not guided:
+                    return out
+                out_uncond, out_text = out.chunk(2)
+                # Classifier-free guidance, Ho & Salimans 2022 eq. 6.
+                out = out_uncond + guidance_scale * (out_text - out_uncond)
+                return (
+                    rescale_guidance(out, out_text, guidance_rescale)
+                    if guidance_rescale > 0
+                    else out
+                )
+
+            from tqdm.auto import tqdm
+
+            run = sched.sample(
+                model, noise, steps=steps, generator=generators, start=start, init=init
+            )
+            latents = noise
+            replacement: torch.Tensor | None = None
+            with (
+                rt.stage(self.unet),
+                tqdm(
+                    total=len(sched.timesteps(steps)) - start,
+                    disable=not progress,
+                    desc="denoising",
+                    leave=False,
+                ) as bar,
+            ):
+                while True:
+                    try:
+                        step = run.send(replacement)
+                    except StopIteration:
+                        break
+                    latents = step.sample
+                    if blend is not None:
+                        # Keep the known region: the original latents, noised to the level the
+                        # sampler has reached, outside the mask (the last step keeps them clean).
+                        mask, known = blend
+                        following = start + step.index + 1
+                        if step.index < step.total - 1:
+                            known = sched.noised(known, noise, steps=steps, index=following)
+                        latents = replacement = (1 - mask) * known + mask * latents
+                        step = dataclasses.replace(step, sample=latents)
+                    bar.update(1)
+                    if callback is not None:
+                        callback(step)
+
+            if output_type == "latent":
+                images: list[Any] = list(latents)
+            else:
+                with rt.stage(self.vae):
+                    images = to_output(self.vae.decode(latents, tiling=rt.tiling), output_type)
+            params = [
+                GenerationParameters(
+                    prompt=prompts[i // num_images],
+                    negative_prompt=negatives[i // num_images],
+                    steps=steps,
+                    scheduler=scheduler if isinstance(scheduler, str) else sched.name,
+                    guidance_scale=guidance_scale,
+                    seed=seeds[i],
+                    width=width,
+                    height=height,
+                    model=self.name,
+                    strength=None if inputs is None else inputs.strength,
+                    clip_skip=clip_skip,
+                    guidance_rescale=guidance_rescale,
+                )
+                for i in range(batch)
+            ]
+            return GenerationResult(images=images, parameters=params)
 
 
 def rescale_guidance(out: torch.Tensor, out_text: torch.Tensor, phi: float) -> torch.Tensor:

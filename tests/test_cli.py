@@ -202,3 +202,73 @@ def test_eval_prints_a_table_per_run(sd1_path: Path, capsys: pytest.CaptureFixtu
     for row in ("ddim 1 steps, cfg 1", "dpm-solver++ 2 steps, cfg 3"):
         assert row in out
     assert out.count("\n") == 2 + 2 * 2 * 2  # header, rule, 2 schedulers x 2 steps x 2 guidance
+
+
+def test_speed_flags_reach_the_pipeline(
+    sd1_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import latentkit.api
+
+    seen = {}
+    load = latentkit.api.load_pipeline
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        return load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(latentkit.api, "load_pipeline", spy)
+    out = tmp_path / "fast.png"
+    flags = [
+        "--autocast",
+        "bf16",
+        "--channels-last",
+        "--fuse-qkv",
+        "--attention",
+        "math",
+        "--attention-slice",
+        "2",
+        "--tile-vae",
+    ]
+    common = [
+        "--model",
+        str(sd1_path),
+        "--steps",
+        "2",
+        "-W",
+        "32",
+        "-H",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert main(["generate", "a red cat", "-o", str(out), *common, *flags]) == 0
+    p = seen["performance"]
+    assert (
+        p.autocast,
+        p.channels_last,
+        p.fuse_qkv,
+        p.attention,
+        p.attention_slice_size,
+        p.vae_tiling,
+    ) == ("bf16", True, True, "math", 2, True)
+    assert Image.open(out).size == (32, 32)
+
+
+def test_cuda_only_flags_fail_before_loading_on_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "generate",
+        "x",
+        "-o",
+        str(tmp_path / "x.png"),
+        "--model",
+        str(tmp_path / "none"),
+        "--device",
+        "cpu",
+        "--cuda-graphs",
+        "--quiet",
+    ]
+    assert main(args) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

@@ -8,10 +8,11 @@ maps ``z`` back to pixels. Module paths equal diffusers' ``AutoencoderKL`` check
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -182,6 +183,75 @@ class DiagonalGaussian:
         return self.mean
 
 
+@dataclass(frozen=True, kw_only=True)
+class Tiling:
+    """Run the autoencoder on overlapping square tiles, so memory stays bounded for large images.
+
+    Pass it as ``tiling=`` to `AutoencoderKL.decode`, `AutoencoderKL.posterior` or
+    `AutoencoderKL.encode`. Tiles are cut as in diffusers' ``enable_tiling()``.
+    """
+
+    tile_size: int | None = None
+    """Side of a tile in pixels, a multiple of the model's ``scale_factor``; None means the
+    config's ``sample_size`` (diffusers' ``tile_sample_min_size``)."""
+    overlap: float = 0.25
+    """Fraction of a tile shared with each neighbour, in [0, 1) (diffusers' ``tile_overlap_factor``)."""
+
+    def __post_init__(self) -> None:
+        size = self.tile_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise InvalidArgumentError(
+                f"Tiling tile_size must be a positive int or None, not {size!r}"
+            )
+        if not 0.0 <= self.overlap < 1.0:
+            raise InvalidArgumentError(f"Tiling overlap must be in [0, 1), not {self.overlap!r}")
+
+
+def _blend_into(previous: Tensor, tile: Tensor, extent: int, dim: int) -> Tensor:
+    """``tile`` with its first ``extent`` slices along ``dim`` faded linearly from the last ones
+    of ``previous`` (weight 1 on ``previous`` at the edge, falling by ``1 / extent`` per slice)."""
+    extent = min(previous.shape[dim], tile.shape[dim], extent)
+    if extent == 0:
+        return tile
+    shape = [1] * tile.dim()
+    shape[dim] = extent
+    # float64 weights, then cast: the same numbers as diffusers' Python-float `y / blend_extent`.
+    weight = (torch.arange(extent, dtype=torch.float64, device=tile.device) / extent).view(shape)
+    fading_out = previous.narrow(dim, previous.shape[dim] - extent, extent)
+    fading_in, rest = torch.split(tile, [extent, tile.shape[dim] - extent], dim=dim)
+    head = fading_out * (1 - weight).to(tile.dtype) + fading_in * weight.to(tile.dtype)
+    return torch.cat([head, rest], dim=dim)
+
+
+def _map_tiles(
+    x: Tensor, fn: Callable[[Tensor], Tensor], *, tile: int, stride: int, blend: int, keep: int
+) -> Tensor:
+    """``fn`` applied to ``x`` (B, C, H, W) one ``tile`` x ``tile`` square at a time, stitched.
+
+    Tiles start every ``stride`` input pixels (the last ones in a row or column are cut short
+    by the border). Each output tile's first ``blend`` rows and columns are blended linearly
+    with the already-blended tile above and to its left, then its first ``keep`` rows and
+    columns go into the result, the algorithm of diffusers' ``tiled_decode``/``_tiled_encode``.
+    Since ``fn``'s GroupNorms see one tile, not the whole input, the result differs slightly
+    from ``fn(x)``, most near the seams. Only one row of output tiles is held at a time.
+    """
+    height, width = x.shape[-2:]
+    result_rows: list[Tensor] = []
+    above: list[Tensor] = []
+    for top in range(0, height, stride):
+        row: list[Tensor] = []
+        for j, left in enumerate(range(0, width, stride)):
+            out = fn(x[..., top : top + tile, left : left + tile])
+            if above:
+                out = _blend_into(above[j], out, blend, dim=-2)
+            if row:
+                out = _blend_into(row[-1], out, blend, dim=-1)
+            row.append(out)
+        result_rows.append(torch.cat([out[..., :keep, :keep] for out in row], dim=-1))
+        above = row
+    return torch.cat(result_rows, dim=-2)
+
+
 class DecoderBlock(nn.Module):
     """ResNet blocks, then an optional `Upsample` doubling the resolution."""
 
@@ -297,21 +367,81 @@ class AutoencoderKL(nn.Module):
             nn.Conv2d(c, c, kernel_size=1) if config.use_post_quant_conv else None
         )
 
-    def posterior(self, images: Tensor) -> DiagonalGaussian:
-        """The posterior ``q(z | x)`` for ``images`` (B, 3, H, W) in [-1, 1], before scaling."""
+    def posterior(self, images: Tensor, *, tiling: Tiling | None = None) -> DiagonalGaussian:
+        """The posterior ``q(z | x)`` for ``images`` (B, 3, H, W) in [-1, 1], before scaling.
+
+        With ``tiling``, images larger than one tile are encoded tile by tile (see `Tiling`).
+        """
+        if tiling is not None:
+            latent_tile, latent_blend = self._tile_geometry(tiling)
+            pixel_tile = latent_tile * self.scale_factor
+            if images.shape[-2] > pixel_tile or images.shape[-1] > pixel_tile:
+                moments = _map_tiles(
+                    images,
+                    self._moments,
+                    tile=pixel_tile,
+                    stride=(latent_tile - latent_blend) * self.scale_factor,
+                    blend=latent_blend,
+                    keep=latent_tile - latent_blend,
+                )
+                return DiagonalGaussian.from_moments(moments)
+        return DiagonalGaussian.from_moments(self._moments(images))
+
+    def encode(
+        self, images: Tensor, *, generator: Generators = None, tiling: Tiling | None = None
+    ) -> Tensor:
+        """Latents for ``images``: a posterior sample times ``scaling_factor``."""
+        return self.posterior(images, tiling=tiling).sample(generator) * self.scaling_factor
+
+    def decode(self, latents: Tensor, *, tiling: Tiling | None = None) -> Tensor:
+        """Images (unclamped, about [-1, 1]) for scaled ``latents``: the inverse of `encode`.
+
+        With ``tiling``, latents larger than one tile are decoded tile by tile (see `Tiling`).
+        """
+        z = latents / self.scaling_factor
+        if tiling is not None:
+            latent_tile, latent_blend = self._tile_geometry(tiling)
+            if z.shape[-2] > latent_tile or z.shape[-1] > latent_tile:
+                return _map_tiles(
+                    z,
+                    self._decode_unscaled,
+                    tile=latent_tile,
+                    stride=latent_tile - latent_blend,
+                    blend=latent_blend * self.scale_factor,
+                    keep=(latent_tile - latent_blend) * self.scale_factor,
+                )
+        return self._decode_unscaled(z)
+
+    def _moments(self, images: Tensor) -> Tensor:
         moments: Tensor = self.encoder(images)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return DiagonalGaussian.from_moments(moments)
+        return moments
 
-    def encode(self, images: Tensor, *, generator: Generators = None) -> Tensor:
-        """Latents for ``images``: a posterior sample times ``scaling_factor``."""
-        return self.posterior(images).sample(generator) * self.scaling_factor
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Images (unclamped, about [-1, 1]) for scaled ``latents``: the inverse of `encode`."""
-        z = latents / self.scaling_factor
+    def _decode_unscaled(self, z: Tensor) -> Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         images: Tensor = self.decoder(z)
         return images
+
+    def _tile_geometry(self, tiling: Tiling) -> tuple[int, int]:
+        """A tile's side and its overlap with each neighbour, both in latents.
+
+        Computed in whole latents so pixel and latent strides always agree; this equals
+        diffusers' geometry whenever ``tile_size / scale_factor * overlap`` is whole (the
+        only case where diffusers' tiled output has the untiled shape).
+        """
+        size = tiling.tile_size
+        if size is None:  # diffusers tiles squares of the first side of a (h, w) sample_size
+            sample = self.config.sample_size
+            size = sample[0] if isinstance(sample, tuple) else sample
+            what = f"the config's sample_size {sample!r}"
+        else:
+            what = f"Tiling tile_size {size}"
+        if size % self.scale_factor != 0:
+            raise InvalidArgumentError(
+                f"{what} is not a multiple of the VAE's scale factor {self.scale_factor}; "
+                "pass a Tiling(tile_size=...) that is"
+            )
+        latent_tile = size // self.scale_factor
+        return latent_tile, min(int(latent_tile * tiling.overlap), latent_tile - 1)

@@ -16,6 +16,40 @@ from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError
 
+ATTENTION_BACKENDS = ("sdpa", "math")
+"""How `Attention` computes ``softmax(Q K^T / sqrt(d)) V``: ``"sdpa"`` is PyTorch's fused
+kernel (flash / memory-efficient / math, picked per device and shape); ``"math"`` is the
+explicit matmul-softmax-matmul, which is faster for the tiny heads of small models on CPU
+(the fused CPU backward has a large fixed cost per call) and runs anywhere."""
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, backend: str = "sdpa", slice_size: int | None = None
+) -> Tensor:
+    """Scaled dot-product attention of (B, H, N, D) queries over (B, H, M, D) keys and values.
+
+    ``slice_size`` computes at most that many (batch x head) slices at a time, so the
+    (N, M) score matrix of only those slices is in memory at once (attention slicing);
+    the result is the same as unsliced.
+    """
+    if slice_size is not None:
+        b, h = q.shape[:2]
+        q2, k2, v2 = (t.reshape(b * h, *t.shape[2:]) for t in (q, k, v))
+        parts = [
+            attend(
+                q2[i : i + slice_size],
+                k2[i : i + slice_size],
+                v2[i : i + slice_size],
+                backend=backend,
+            )
+            for i in range(0, b * h, slice_size)
+        ]
+        return torch.cat(parts).reshape(b, h, q.shape[2], v.shape[-1])
+    if backend == "math":
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        return torch.matmul(scores.softmax(dim=-1), v)
+    return F.scaled_dot_product_attention(q, k, v)
+
 
 def timestep_embedding(
     timesteps: Tensor,
@@ -135,25 +169,71 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias)])
+        self.cross = context_dim is not None
+        self.to_qkv: nn.Linear | None = None
+        """Set by `fuse_projections`: q, k and v of self-attention in one layer."""
+        self.to_kv: nn.Linear | None = None
+        """Set by `fuse_projections`: k and v of cross-attention in one layer."""
+        self.backend = "sdpa"
+        """One of `ATTENTION_BACKENDS`."""
+        self.slice_size: int | None = None
+        """Attention slicing (see `attend`); None computes all heads at once."""
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        source = x if context is None else context
         batch = x.shape[0]
 
         def split_heads(t: Tensor) -> Tensor:  # (B, N, H*D) -> (B, H, N, D)
             return t.view(batch, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
 
-        q, k, v = (
-            split_heads(self.to_q(x)),
-            split_heads(self.to_k(source)),
-            split_heads(self.to_v(source)),
-        )
+        if self.to_qkv is not None and context is None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        elif self.to_kv is not None and context is not None:
+            q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
+        else:
+            source = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
         # No explicit float32 upcast (`upcast_attention` / `upcast_softmax` in configs): the fused
         # SDPA kernels accumulate in float32 already, and diffusers' default processor does the same.
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        out = attend(
+            split_heads(q),
+            split_heads(k),
+            split_heads(v),
+            backend=self.backend,
+            slice_size=self.slice_size,
+        )  # (B, H, N, D)
         merged = out.transpose(1, 2).reshape(batch, -1, self.heads * out.shape[-1])
         projected: Tensor = self.to_out[0](merged)
         return projected
+
+    def fuse_projections(self) -> None:
+        """Compute q, k, v (self-attention) or k, v (cross-attention) with one matrix product.
+
+        One larger GEMM instead of three small ones; the result is the same up to float
+        rounding. The separate layers are replaced by ``to_qkv`` / ``to_kv``, so the state
+        dict of a fused module has those keys instead: fuse for inference, after loading.
+        """
+        if self.to_qkv is not None or self.to_kv is not None:
+            return
+        parts = ["to_k", "to_v"] if self.cross else ["to_q", "to_k", "to_v"]
+        layers = [getattr(self, name) for name in parts]
+        first = layers[0]
+        fused = nn.Linear(
+            first.in_features,
+            sum(layer.out_features for layer in layers),
+            bias=first.bias is not None,
+            device=first.weight.device,
+            dtype=first.weight.dtype,
+        )
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
+        for name in parts:
+            delattr(self, name)
+        if self.cross:
+            self.to_kv = fused
+        else:
+            self.to_qkv = fused
 
 
 class SpatialSelfAttention(Attention):
@@ -170,7 +250,7 @@ class SpatialSelfAttention(Attention):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         # `context` is accepted so MidBlock can call every attention alike; this one is self-attention.
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)
         out = super().forward(tokens)
         return out.transpose(1, 2).reshape(b, c, h, w) + x
 
@@ -266,8 +346,17 @@ class SpatialTransformer(nn.Module):
         def to_tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, H*W, C)
             return t.permute(0, 2, 3, 1).reshape(b, h * w, t.shape[1])
 
+        # In channels-last mode the tokens already are the image's memory layout: keep it.
+        layout = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
+
         def to_image(t: Tensor) -> Tensor:  # (B, H*W, C) -> (B, C, H, W)
-            return t.reshape(b, h, w, t.shape[-1]).permute(0, 3, 1, 2).contiguous()
+            return (
+                t.reshape(b, h, w, t.shape[-1]).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+            )
 
         tokens = self.norm(x)
         # The two projections are the same map; they differ in whether they act before or after

@@ -183,6 +183,7 @@ def train_denoiser(
     ema: EMA | None = None,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
+    snr_gamma: float | None = None,
     seed: int = 0,
     progress: bool = True,
     callback: LossCallback | None = None,
@@ -195,7 +196,7 @@ def train_denoiser(
     states (B, tokens, D). With ``empty_context`` (the empty prompt's hidden states), a
     fraction ``p_uncond`` of the contexts is replaced by it each step, for classifier-free
     guidance (Ho & Salimans 2022); without it no context is dropped. ``ema``, if given, is
-    updated after every step.
+    updated after every step. ``snr_gamma`` turns on Min-SNR weighting (see `denoiser_loss`).
     """
     _check_steps(steps)
     device = _device(unet)
@@ -211,7 +212,9 @@ def train_denoiser(
                 context = drop_context(
                     context, empty_context, p_uncond=p_uncond, generator=generator
                 )
-            return denoiser_loss(unet, scheduler, latents, context, generator)
+            return denoiser_loss(
+                unet, scheduler, latents, context, generator, snr_gamma=snr_gamma
+            )
 
         return _run(
             unet,

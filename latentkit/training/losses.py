@@ -24,6 +24,12 @@ class TrainingSchedule(Protocol):
     @property
     def num_train_timesteps(self) -> int: ...
 
+    @property
+    def prediction_type(self) -> str: ...
+
+    @property
+    def alphas_cumprod(self) -> Tensor: ...
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor: ...
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor: ...
@@ -98,6 +104,8 @@ def denoiser_loss(
     latents: Tensor,
     context: Tensor,
     generator: torch.Generator | None = None,
+    *,
+    snr_gamma: float | None = None,
 ) -> Tensor:
     """The simplified diffusion loss ``E_{t, eps} || target - model(x_t, t, c) ||^2``.
 
@@ -107,7 +115,15 @@ def denoiser_loss(
     ``v_prediction`` (Salimans & Ho 2022, sec. 4). With ``context`` the text embedding this is
     Rombach et al. 2022, eq. 2. ``latents`` are scaled (as `AutoencoderKL.encode` gives them);
     the noise and ``t`` are drawn with ``generator``, which must live on their device.
+
+    With ``snr_gamma`` each item's error is weighted by Min-SNR-gamma (Hang et al. 2023,
+    eq. 9 and its table for other targets): ``min(SNR_t, gamma) / SNR_t`` for epsilon,
+    ``min(SNR_t, gamma) / (SNR_t + 1)`` for v and ``min(SNR_t, gamma)`` for x0, with
+    ``SNR_t = alpha_bar_t / (1 - alpha_bar_t)``. This stops the many easy low-noise steps
+    from dominating the gradient; the paper measures about 3x faster convergence at gamma=5.
     """
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise InvalidArgumentError(f"snr_gamma must be > 0, got {snr_gamma}")
     if latents.ndim != 4:
         raise InvalidArgumentError(f"latents must be (B, C, h, w), got {tuple(latents.shape)}")
     if context.shape[0] != latents.shape[0]:
@@ -125,7 +141,16 @@ def denoiser_loss(
         raise InvalidArgumentError(
             f"the denoiser returned {type(prediction).__name__}, not a tensor"
         )
-    return F.mse_loss(prediction.float(), target.float())
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    error = (prediction.float() - target.float()).square().flatten(1).mean(dim=1)
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=snr_gamma)
+    weight = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1)}.get(
+        scheduler.prediction_type, clipped
+    )
+    return (weight.float() * error).mean()
 
 
 def drop_context(

@@ -1,0 +1,675 @@
+"""latentkit vs diffusers, side by side, on identical weight files.
+
+    python benchmarks/compare.py                           # SD 1.5 architecture, CPU settings
+    python benchmarks/compare.py --settings cuda-fp16-512  # on a GPU machine
+    python benchmarks/compare.py --arch tiny --settings cpu-fp32-256 --steps 2 --repeats 1
+
+Every measurement runs in a fresh Python process, the libraries alternate (latentkit,
+diffusers, latentkit, ...) and the medians over ``--repeats`` rounds are reported. See
+benchmarks/README.md for the protocol and how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as dt
+import itertools
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Keyword arguments for `latentkit.load_pipeline`, per device type ("cpu", "cuda"), e.g.
+# {"performance": latentkit.Performance(...)}. Measuring workers import this module only
+# after they have timed `import latentkit`, so referring to latentkit here does not skew the
+# import time (but a top-level `import latentkit` would then also load it into the diffusers
+# workers, adding a few MiB to their RSS: prefer `import latentkit` right above the dict).
+# `--latentkit-option key=value` adds to every device's dict for one run.
+LATENTKIT_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {}, "cuda": {}}
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LIBRARIES = ("latentkit", "diffusers")
+CPU_SETTINGS = ("cpu-fp32-256", "cpu-fp32-512", "cpu-bf16-512")
+CUDA_SETTINGS = ("cuda-fp16-512", "cuda-bf16-512", "cuda-fp16-1024", "cuda-bf16-1024")
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+GUIDANCE = 7.5
+SCHEDULER = "dpm-solver++"  # diffusers: DPMSolverMultistepScheduler, whose default is dpmsolver++
+TINY_SIZE = 64  # the tiny test UNet/VAE: any multiple of 8 works, 64 keeps a run to seconds
+
+# Stable Diffusion 1.5's component configs (stable-diffusion-v1-5/stable-diffusion-v1-5).
+SD15_UNET: dict[str, Any] = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=(
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+)
+SD15_VAE: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    act_fn="silu",
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+# CLIP ViT-L/14's text tower; bos/eos where CLIP's vocab has <|startoftext|>/<|endoftext|>.
+SD15_TEXT: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+# (key, label) of the metrics in the table, in order; CUDA-only keys are skipped on the CPU.
+METRICS = (
+    ("import_s", "import (s, on top of torch)"),
+    ("load_s", "load (s)"),
+    # Lazy imports move work between the two (latentkit loads transformers in load_pipeline,
+    # diffusers at import): the sum is the fair time-to-ready.
+    ("import_load_s", "import + load (s)"),
+    ("load_rss_mib", "peak RSS after load (MiB)"),
+    ("load_rss_over_weights", "peak RSS after load / weights size"),
+    ("step_s", "s / step (CFG, UNet batch 2)"),
+    ("e2e_s", "end-to-end s / image"),
+    ("peak_rss_mib", "peak RSS at end (MiB)"),
+    ("cuda_load_alloc_mib", "CUDA max allocated after load (MiB)"),
+    ("cuda_peak_alloc_mib", "CUDA max allocated at end (MiB)"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the random-weight pipelines (diffusers' own classes and save_pretrained).
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_models() -> Any:
+    # The test suite's tiny-model helpers live in tests/, which is not a package.
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny_models
+
+    return tiny_models
+
+
+def _write_sd15_tokenizer(folder: Path, vocab_size: int = 49408) -> None:
+    """A CLIP BPE tokenizer with exactly ViT-L/14's vocab size, written offline.
+
+    The real vocab cannot be downloaded here; what matters for the benchmark is that the
+    token embedding has 49408 rows and the special tokens sit where CLIP has them (49406,
+    49407). The byte alphabet tokenizes any prompt; dummy entries fill the rest.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = list(_tiny_models()._bytes_to_unicode().values())
+    merges = [("a", "t</w>"), ("c", "at</w>"), ("p", "h"), ("o", "t"), ("ph", "ot")]
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+    tokens += [f"<|dummy{i}|>" for i in range(vocab_size - 2 - len(tokens))]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == vocab_size
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tok.save_pretrained(str(folder))
+
+
+def _build_sd15() -> Any:
+    """Stable Diffusion 1.5's architecture (UNet 860M, VAE, CLIP ViT-L/14 text) with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.schedulers import PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_sd15_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD15_VAE)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=PNDMScheduler.from_config(_tiny_models().SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_folder(arch: str, folder: str) -> None:
+    """Write the ``arch`` pipeline to ``folder`` (runs in its own process; see `ensure_folder`)."""
+    pipe = _build_sd15() if arch == "sd15" else _tiny_models().build_pipeline("sd1")
+    # Write next to the target and rename, so an interrupted write is never mistaken for a
+    # finished folder on the next run.
+    target = Path(folder)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(str(partial), safe_serialization=True)
+    partial.rename(target)
+
+
+def ensure_folder(arch: str, folder: Path) -> None:
+    if (folder / "model_index.json").exists():
+        print(f"reusing {folder}")
+        return
+    print(f"writing the random-weight {arch} pipeline to {folder} (once) ...", flush=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A separate process, so the parent keeps no gigabytes of weights (nor diffusers) around.
+    code = (
+        f"import sys; sys.path.insert(0, {str(HERE)!r}); import {Path(__file__).stem} as m; "
+        f"m.build_folder({arch!r}, {str(folder)!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for ext in ("*.safetensors", "*.bin") for p in folder.rglob(ext))
+
+
+# --------------------------------------------------------------------------------------------
+# The measuring worker: one fresh process per (setting, library, round).
+# --------------------------------------------------------------------------------------------
+
+# Runs as `python -c`: the library import must be timed before anything else is imported,
+# including this module (whose LATENTKIT_OPTIONS may refer to latentkit).
+_BOOTSTRAP = """
+import json, sys, time
+spec = json.loads(sys.argv[1])
+import torch
+start = time.perf_counter()
+if spec["library"] == "latentkit":
+    import latentkit
+else:
+    import diffusers
+    diffusers.StableDiffusionPipeline  # diffusers imports lazily: load the pipeline for real
+spec["import_s"] = time.perf_counter() - start
+sys.path.insert(0, spec["benchmarks_dir"])
+__import__(spec["module"]).measure(spec)
+"""
+
+
+def _latentkit_options(device: str, extra: list[str]) -> dict[str, Any]:
+    options = dict(LATENTKIT_OPTIONS.get(device, {}))
+    options.update(parse_options(extra))
+    return options
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--latentkit-option wants key=value, not {pair!r}")
+        options[key.strip()] = ast.literal_eval(value.strip())
+    return options
+
+
+def _max_rss_mib() -> float:
+    import resource
+
+    # Linux reports KiB (macOS bytes; this benchmark targets Linux).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(spec: dict[str, Any]) -> None:
+    """Load, time the steps and one full generation, write the metrics and the image."""
+    import numpy as np
+    import torch
+
+    device, library = spec["device"], spec["library"]
+    dtype = getattr(torch, spec["dtype"])
+    cuda = device == "cuda"
+
+    def sync() -> None:
+        # CUDA runs asynchronously: without this, timers would measure kernel launches.
+        if cuda:
+            torch.cuda.synchronize()
+
+    out: dict[str, Any] = {"import_s": spec["import_s"], "threads": torch.get_num_threads()}
+    ticks: list[float] = []  # perf_counter after every denoising step
+
+    start = time.perf_counter()
+    if library == "latentkit":
+        import latentkit
+
+        options = _latentkit_options(device, spec["latentkit_options"])
+        pipe = latentkit.load_pipeline(
+            spec["folder"], device=device, dtype=spec["dtype"], progress=False, **options
+        )
+
+        def on_step(step: Any) -> None:
+            sync()
+            ticks.append(time.perf_counter())
+
+        def generate() -> Any:
+            return pipe.generate(
+                spec["prompt"],
+                steps=spec["steps"],
+                guidance_scale=GUIDANCE,
+                seed=spec["seed"],
+                height=spec["size"],
+                width=spec["size"],
+                progress=False,
+                scheduler=SCHEDULER,
+                output_type="np",
+                callback=on_step,
+            ).images[0]
+
+    else:
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        pipe = StableDiffusionPipeline.from_pretrained(
+            spec["folder"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        ).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+        def on_step_end(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            sync()
+            ticks.append(time.perf_counter())
+            return kwargs
+
+        def generate() -> Any:
+            return pipe(
+                spec["prompt"],
+                num_inference_steps=spec["steps"],
+                guidance_scale=GUIDANCE,
+                generator=torch.Generator("cpu").manual_seed(spec["seed"]),
+                height=spec["size"],
+                width=spec["size"],
+                output_type="np",
+                callback_on_step_end=on_step_end,
+            ).images[0]
+
+    sync()
+    out["load_s"] = time.perf_counter() - start
+    out["import_load_s"] = out["import_s"] + out["load_s"]
+    out["load_rss_mib"] = _max_rss_mib()
+    out["load_rss_over_weights"] = out["load_rss_mib"] * 2**20 / spec["weights_bytes"]
+    if cuda:
+        out["cuda_load_alloc_mib"] = torch.cuda.max_memory_allocated() / 2**20
+
+    # The first call is warm-up (first-use allocations, the solver's first higher-order
+    # update, ...). Step times come from the timed call only: the gaps between consecutive
+    # step callbacks, so its first step, which also pays for text encoding, never counts.
+    for _call in ("warm-up", "timed"):  # the last iteration is the one measured
+        ticks.clear()
+        sync()
+        start = time.perf_counter()
+        image = generate()
+        sync()
+    out["e2e_s"] = time.perf_counter() - start
+    steps = [b - a for a, b in itertools.pairwise(ticks)]
+    out["step_s"] = statistics.median(steps) if steps else None
+    out["step_times_s"] = steps  # raw, for the JSON
+    out["peak_rss_mib"] = _max_rss_mib()
+    if cuda:
+        out["cuda_peak_alloc_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    np.save(spec["image_path"], np.asarray(image, dtype=np.float32))
+    Path(spec["result_path"]).write_text(json.dumps(out))
+
+
+# --------------------------------------------------------------------------------------------
+# The driver.
+# --------------------------------------------------------------------------------------------
+
+
+def parse_setting(setting: str) -> tuple[str, str, int]:
+    """``"cpu-fp32-512"`` → ``("cpu", "fp32", 512)``."""
+    try:
+        device, dtype, size = setting.split("-")
+        if device not in ("cpu", "cuda") or dtype not in DTYPES:
+            raise ValueError
+        return device, dtype, int(size)
+    except ValueError:
+        raise SystemExit(
+            f"bad setting {setting!r}: want DEVICE-DTYPE-SIZE, DEVICE in cpu/cuda, "
+            f"DTYPE in {'/'.join(DTYPES)}, e.g. {', '.join(CPU_SETTINGS + CUDA_SETTINGS)}"
+        ) from None
+
+
+def diffusers_dtype(device: str, dtype: str, diffusers_bf16: bool) -> str:
+    # bf16 on the CPU is latentkit's target; diffusers' CPU path is fp32, so fp32 is the
+    # baseline it is compared against (unless asked otherwise). On CUDA, diffusers runs
+    # fp16/bf16 natively and both libraries use the setting's dtype.
+    if device == "cpu" and dtype == "bf16" and not diffusers_bf16:
+        return "fp32"
+    return dtype
+
+
+def run_worker(spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """One measurement in a fresh process: (metrics, "") or (None, the error's tail)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _BOOTSTRAP, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    result = Path(spec["result_path"])
+    if proc.returncode != 0 or not result.exists():
+        return None, (proc.stderr or proc.stdout)[-3000:]
+    return json.loads(result.read_text()), ""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "latentkit"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    try:
+        # Numbers move with the code: record which latentkit commit (and whether edited).
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "latentkit"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        found["latentkit"] += f" ({head}{', edited' if dirty else ''})"
+    except OSError:
+        pass
+    return found
+
+
+def _fmt(value: float | None, key: str) -> str:
+    if value is None:
+        return "–"
+    if key.endswith("_mib"):
+        return f"{value:,.0f}"
+    if key == "load_rss_over_weights":
+        return f"{value:.2f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:#.3g}" if value >= 0.001 else f"{value:.2e}"  # '#': 5.00, not 5
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [
+        "| setting | metric | latentkit | diffusers | latentkit/diffusers | max abs diff (image) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for setting, res in results.items():
+        if "skipped" in res:
+            rows.append(f"| {setting} | skipped: {res['skipped']} | | | | |")
+            continue
+        label = setting
+        if res["latentkit_dtype"] != res["diffusers_dtype"]:
+            label += f" (diffusers {res['diffusers_dtype']})"
+        if res["size"] != parse_setting(setting)[2]:
+            label += f" @{res['size']}px"
+        if res["errors"]:
+            label += f" ({len(res['errors'])} run(s) FAILED, see the JSON)"
+        diff = res.get("max_abs_diff")
+        first = True
+        for key, name in METRICS:
+            lk, df = (res["median"].get(lib, {}).get(key) for lib in LIBRARIES)
+            if lk is None and df is None:
+                continue  # e.g. CUDA memory on the CPU
+            ratio = (
+                "–"
+                if lk is None or not df
+                else f"{lk / df:.2f}"
+                if lk >= 0.1 * df
+                else f"{lk / df:.2g}"
+            )
+            diff_cell = ("–" if diff is None else f"{diff:.2g}") if first else ""
+            rows.append(
+                f"| {label if first else ''} | {name} | {_fmt(lk, key)} | {_fmt(df, key)} "
+                f"| {ratio} | {diff_cell} |"
+            )
+            first = False
+    return "\n".join(rows)
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = {
+        k for run in runs for k, v in run.items() if isinstance(v, (int, float)) and k != "round"
+    }
+    return {k: statistics.median(run[k] for run in runs if run.get(k) is not None) for k in keys}
+
+
+def default_json_path(settings: list[str], arch: str) -> Path:
+    stem = f"{dt.date.today().isoformat()}-{'+'.join(settings)}"
+    if arch != "sd15":
+        stem += f"-{arch}"  # keep smoke-test numbers apart from real ones
+    path = HERE / "results" / f"{stem}.json"
+    n = 2
+    while path.exists():  # several runs a day: never overwrite an earlier one
+        path = HERE / "results" / f"{stem}-{n}.json"
+        n += 1
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--settings",
+        default=",".join(CPU_SETTINGS),
+        help=f"comma-separated DEVICE-DTYPE-SIZE (default: %(default)s; GPU: {','.join(CUDA_SETTINGS)})",
+    )
+    parser.add_argument(
+        "--arch",
+        choices=("sd15", "tiny"),
+        default="sd15",
+        help="sd15: SD 1.5's architecture (860M UNet); tiny: the test models, for smoke tests",
+    )
+    parser.add_argument("--model-dir", type=Path, help="default: benchmarks/.cache/<arch>-random")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per library (default 2)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        help=f"override every setting's height=width (default: the setting's; {TINY_SIZE} for --arch tiny)",
+    )
+    parser.add_argument("--prompt", default="a photo of a cat")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--latentkit-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra load_pipeline keyword (VALUE a Python literal); repeatable",
+    )
+    parser.add_argument(
+        "--diffusers-bf16",
+        action="store_true",
+        help="run diffusers in bf16 too on cpu-bf16 settings (default: fp32 baseline)",
+    )
+    parser.add_argument(
+        "--json", type=Path, help="default: benchmarks/results/<date>-<settings>.json"
+    )
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for s in settings:
+        parse_setting(s)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step is warm-up, not timed")
+    try:
+        parse_options(args.latentkit_option)
+    except (ValueError, SyntaxError) as e:
+        parser.error(str(e))
+    folder = (args.model_dir or HERE / ".cache" / f"{args.arch}-random").resolve()
+    ensure_folder(args.arch, folder)
+    weights = weights_bytes(folder)
+    json_path = args.json or default_json_path(settings, args.arch)
+
+    meta = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "arch": args.arch,
+        "folder": str(folder),
+        "weights_mib": weights / 2**20,
+        "cpu": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "versions": versions(),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "scheduler": SCHEDULER,
+        "guidance_scale": GUIDANCE,
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "latentkit_options": {
+            dev: repr(_latentkit_options(dev, args.latentkit_option)) for dev in LATENTKIT_OPTIONS
+        },
+    }
+    print(f"# latentkit vs diffusers — {meta['date']}")
+    print(f"CPU: {meta['cpu']}; torch threads: {meta['torch_threads']}; GPU: {meta['cuda']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    print(
+        f"model: {args.arch} random weights, {meta['weights_mib']:,.0f} MiB of weight files "
+        f"({folder})"
+    )
+    print(
+        f"protocol: {args.repeats} round(s) of fresh processes alternating latentkit/diffusers; "
+        f"medians; {args.steps} steps of {SCHEDULER}, CFG {GUIDANCE}; first step excluded from s/step"
+    )
+    print(f"latentkit load_pipeline options: {meta['latentkit_options']}")
+
+    results: dict[str, Any] = {}
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in settings:
+            device, dtype, size = parse_setting(setting)
+            if device == "cuda" and not torch.cuda.is_available():
+                print(f"{setting}: skipped, CUDA is not available")
+                results[setting] = {"skipped": "CUDA not available"}
+                continue
+            size = args.size or (TINY_SIZE if args.arch == "tiny" else size)
+            lib_dtypes = {
+                "latentkit": dtype,
+                "diffusers": diffusers_dtype(device, dtype, args.diffusers_bf16),
+            }
+            if lib_dtypes["latentkit"] != lib_dtypes["diffusers"]:
+                print(
+                    f"{setting}: latentkit runs {lib_dtypes['latentkit']}, diffusers runs "
+                    f"{lib_dtypes['diffusers']} as the baseline (the image diff compares the two)"
+                )
+            res: dict[str, Any] = {
+                "device": device,
+                "size": size,
+                "latentkit_dtype": lib_dtypes["latentkit"],
+                "diffusers_dtype": lib_dtypes["diffusers"],
+                "runs": [],
+                "errors": [],
+            }
+            diffs = []
+            for rnd in range(args.repeats):
+                images = {}
+                for library in LIBRARIES:  # alternate, so drift (thermal, load) hits both
+                    name = f"{setting}-{library}-{rnd}"
+                    print(f"  {name} ...", end=" ", flush=True)
+                    spec = {
+                        "library": library,
+                        "module": Path(__file__).stem,
+                        "benchmarks_dir": str(HERE),
+                        "folder": str(folder),
+                        "weights_bytes": weights,
+                        "device": device,
+                        "dtype": DTYPES[lib_dtypes[library]],
+                        "size": size,
+                        "steps": args.steps,
+                        "prompt": args.prompt,
+                        "seed": args.seed,
+                        "latentkit_options": args.latentkit_option,
+                        "result_path": str(Path(tmp) / f"{name}.json"),
+                        "image_path": str(Path(tmp) / f"{name}.npy"),
+                    }
+                    start = time.perf_counter()
+                    metrics, error = run_worker(spec)
+                    if metrics is None:
+                        failed = True
+                        print("FAILED")
+                        print(error, file=sys.stderr)
+                        res["errors"].append({"library": library, "round": rnd, "error": error})
+                        continue
+                    print(f"{time.perf_counter() - start:.1f}s")
+                    res["runs"].append({"library": library, "round": rnd, **metrics})
+                    images[library] = np.load(spec["image_path"])
+                if len(images) == 2:
+                    diffs.append(float(np.abs(images["latentkit"] - images["diffusers"]).max()))
+            res["median"] = {
+                lib: medians([r for r in res["runs"] if r["library"] == lib]) for lib in LIBRARIES
+            }
+            res["max_abs_diff"] = max(diffs) if diffs else None
+            results[setting] = res
+            # Written after every setting, so a long run that dies keeps what it measured.
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+    print()
+    print(table(results))
+    print()
+    print(
+        "ratio < 1: latentkit is faster / smaller. max abs diff: largest per-pixel difference "
+        "of the final images (values in [0, 1]), same seed."
+    )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"raw results: {json_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""How the networks run: attention kernels, memory layout, compilation, precision, memory savers.
+
+None of these options changes what is computed, only how: every one is tested against the
+plain path on the same weights (equal up to float rounding, or bit-equal where noted).
+`Performance` is given to `latentkit.load_pipeline` (or `latentkit.generate`); `Runtime` is
+what a pipeline does with it while it generates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from latentkit.errors import InvalidArgumentError
+from latentkit.models.layers import ATTENTION_BACKENDS, Attention
+
+if TYPE_CHECKING:
+    from latentkit.models.autoencoder import Tiling
+
+UNetCall = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+_AUTOCAST_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Performance:
+    """Speed and memory options of a loaded pipeline. The defaults are the plain path.
+
+    Example:
+        >>> fast = latentkit.Performance(channels_last=True, fuse_qkv=True)
+        >>> pipe = latentkit.load_pipeline(model, performance=fast)  # doctest: +SKIP
+    """
+
+    attention: str = "sdpa"
+    """``"sdpa"``: PyTorch's fused attention (flash / memory-efficient kernels where the
+    device has them, else its math fallback); ``"math"``: explicit matmul-softmax-matmul."""
+    attention_slice_size: int | None = None
+    """Attention slicing: compute at most this many (batch x head) slices at once, so the
+    score matrices of only those are in memory. For the ``"math"`` backend on small GPUs."""
+    channels_last: bool = False
+    """Store conv weights and activations NHWC, the layout oneDNN (CPU) and cuDNN tensor
+    cores run fastest."""
+    fuse_qkv: bool = False
+    """One GEMM for the q, k, v projections of self-attention (k, v of cross-attention)."""
+    autocast: str | torch.dtype | None = None
+    """``"bf16"`` / ``"fp16"``: run matmuls and convolutions in that precision under
+    `torch.autocast`, keeping the weights and the sampler's arithmetic in the loaded dtype.
+    On CPUs with AVX-512 BF16 or AMX this is the fast mode for float32 weights."""
+    compile: bool = False
+    """Run the UNet through `torch.compile` (compiled once per input shape, not per call)."""
+    compile_backend: str = "inductor"
+    """The `torch.compile` backend (``"inductor"`` generates kernels; ``"aot_eager"`` only
+    traces, which is quick and useful for checking)."""
+    cuda_graphs: bool = False
+    """Replay the UNet from a captured CUDA graph per input shape (CUDA only): removes the
+    per-kernel launch cost that dominates small batches on fast GPUs."""
+    vae_tiling: bool | Tiling = False
+    """Decode (and encode) large images tile by tile with blended seams, so a 2048x2048
+    image needs the memory of a 512x512 one. ``True`` uses `Tiling()` defaults."""
+    cpu_offload: bool = False
+    """Keep the networks in CPU memory and move each to the accelerator only while it runs
+    (text encoder, then UNet, then autoencoder): peak accelerator memory is the largest
+    network instead of all of them."""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise InvalidArgumentError(
+                f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}"
+            )
+        slices = self.attention_slice_size
+        if slices is not None and (
+            isinstance(slices, bool) or not isinstance(slices, int) or slices < 1
+        ):
+            raise InvalidArgumentError(
+                f"attention_slice_size must be a positive int or None, got {slices!r}"
+            )
+        if self.autocast is not None:
+            autocast_dtype(self.autocast)  # raises for an unknown one
+        if self.cuda_graphs and self.cpu_offload:
+            raise InvalidArgumentError(
+                "cuda_graphs and cpu_offload exclude each other: a captured graph needs its "
+                "weights to stay at fixed device addresses"
+            )
+        for name in ("channels_last", "fuse_qkv", "compile", "cuda_graphs", "cpu_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(f"{name} must be True or False")
+
+    def tiling(self) -> Tiling | None:
+        """The autoencoder tiling to use, or None."""
+        from latentkit.models.autoencoder import Tiling
+
+        if self.vae_tiling is True:
+            return Tiling()
+        if self.vae_tiling is False:
+            return None
+        if not isinstance(self.vae_tiling, Tiling):
+            raise InvalidArgumentError("vae_tiling must be a bool or a latentkit Tiling")
+        return self.vae_tiling
+
+
+def autocast_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in (torch.bfloat16, torch.float16):
+        return value
+    if isinstance(value, str) and value.lower() in _AUTOCAST_DTYPES:
+        return _AUTOCAST_DTYPES[value.lower()]
+    raise InvalidArgumentError(
+        f"autocast must be 'bf16' or 'fp16' (or the torch dtype), got {value!r}"
+    )
+
+
+class Runtime:
+    """A pipeline's networks set up for `Performance`, and the calls the pipeline makes.
+
+    Built once at load time (`prepare`); module changes (layout, fused projections,
+    attention kernels) happen there, so the pipeline's hot loop only calls `unet`.
+    """
+
+    def __init__(self, performance: Performance, device: torch.device) -> None:
+        self.performance = performance
+        self.device = device
+        self.tiling = performance.tiling()
+        self._unet_call: UNetCall | None = None
+        # cpu_offload moves shared modules: one generate() at a time.
+        self._lock = threading.Lock() if performance.cpu_offload else None
+
+    def check(self) -> None:
+        """Refuse options the device cannot honour, before any weights are read."""
+        p, kind = self.performance, self.device.type
+        if p.cuda_graphs and kind != "cuda":
+            raise InvalidArgumentError(
+                f"cuda_graphs needs a CUDA device, this pipeline runs on {kind}"
+            )
+        if p.cpu_offload and kind == "cpu":
+            raise InvalidArgumentError(
+                "cpu_offload moves networks between CPU memory and an accelerator; this "
+                "pipeline already runs on the CPU"
+            )
+
+    @property
+    def storage_device(self) -> torch.device:
+        """Where the weights live between calls: the CPU with offloading, else the device."""
+        return torch.device("cpu") if self.performance.cpu_offload else self.device
+
+    def prepare(self, unet: nn.Module, *others: nn.Module) -> None:
+        """Apply the module-level options to ``unet`` and the other networks, in place."""
+        p = self.performance
+        for module in (unet, *others):
+            for layer in module.modules():
+                if isinstance(layer, Attention):
+                    layer.backend = p.attention
+                    layer.slice_size = p.attention_slice_size
+                    if p.fuse_qkv:
+                        layer.fuse_projections()
+            if p.channels_last:
+                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        call: UNetCall = unet
+        if p.compile:
+            # dynamic=False: one graph per input shape; a new step, prompt or seed with the
+            # same shapes reuses it (tests check that the second call compiles nothing).
+            mode = "reduce-overhead" if p.cuda_graphs else None
+            call = torch.compile(unet, backend=p.compile_backend, mode=mode, dynamic=False)
+        elif p.cuda_graphs:
+            call = CudaGraphs(unet)
+        self._unet_call = call
+
+    def unet(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """One UNet evaluation in the configured way, returned in ``x``'s dtype."""
+        assert self._unet_call is not None, "Runtime.prepare was not called"
+        if self.performance.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # One dtype for every sampler (some pass integer timesteps, some float): a compiled
+        # graph is specialised on input dtypes, so this keeps it to one graph per shape.
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        out = self._unet_call(x, t, context)
+        return out.to(x.dtype).contiguous()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """One generate() call: autocast if asked, and exclusive use with offloading."""
+        with contextlib.ExitStack() as stack:
+            if self._lock is not None:
+                stack.enter_context(self._lock)
+            if self.performance.autocast is not None:
+                stack.enter_context(
+                    torch.autocast(
+                        self.device.type, dtype=autocast_dtype(self.performance.autocast)
+                    )
+                )
+            yield
+
+    @contextlib.contextmanager
+    def stage(self, *modules: nn.Module | None) -> Iterator[None]:
+        """Run ``modules`` on the device for the duration; with offloading, move them there
+        first and back to the CPU after (Rombach et al.'s stages run one at a time)."""
+        present = [m for m in modules if m is not None]
+        if not self.performance.cpu_offload:
+            yield
+            return
+        for module in present:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in present:
+                module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+class CudaGraphs:
+    """Replay ``fn(x, t, context)`` from a CUDA graph captured once per input signature.
+
+    The graph reads its inputs from static buffers, so each call copies the arguments in,
+    replays, and returns a copy of the static output (the next replay overwrites it).
+    """
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple[Any, ...], tuple[Any, tuple[Tensor, ...], Tensor]] = {}
+
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
+        args = (x, t, context)
+        key = tuple((a.shape, a.dtype, a.stride()) for a in args)
+        if key not in self.graphs:
+            static = tuple(a.clone() for a in args)
+            # Warm up on a side stream (allocations and lazy init must not be captured).
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(*static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for buffer, value in zip(static, args, strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()

@@ -1,0 +1,222 @@
+"""`latentkit.Performance`: every speed/memory option against the plain path on the same weights.
+
+Tolerances are max abs differences on fp32 images in [0, 1]. Options that only re-associate
+float sums (fused projections, another attention kernel, NHWC convolutions) are held to
+1e-5; bf16 autocast computes in 8-bit mantissas and is held to what it measured plus margin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import latentkit
+from latentkit.models.layers import Attention, attend
+from latentkit.performance import Performance
+
+SIZE = 32
+REORDER_TOL = 1e-5  # float re-association only
+
+
+def load(path: Path, **options: Any) -> latentkit.StableDiffusion:
+    return latentkit.load_pipeline(
+        path, device="cpu", dtype="fp32", progress=False, performance=Performance(**options)
+    )
+
+
+def images(pipe: latentkit.StableDiffusion, **kw: Any) -> np.ndarray:
+    kw = {"steps": 4, "seed": 3, "height": SIZE, "width": SIZE, **kw}
+    result = pipe.generate(
+        ["a red circle", "a blue square"], output_type="np", progress=False, **kw
+    )
+    return np.stack(result.images)
+
+
+@pytest.fixture(scope="module")
+def plain(sd1_path: Path) -> np.ndarray:
+    return images(load(sd1_path))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"attention": "math"},
+        {"attention_slice_size": 1},
+        {"attention": "math", "attention_slice_size": 3},
+        {"fuse_qkv": True},
+        {"channels_last": True},
+        {"channels_last": True, "fuse_qkv": True, "attention": "math"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_reordering_options_match_the_plain_path(
+    sd1_path: Path, plain: np.ndarray, options: dict[str, Any]
+) -> None:
+    assert np.abs(images(load(sd1_path, **options)) - plain).max() <= REORDER_TOL
+
+
+def test_sd2_linear_projections_with_every_reordering_option(sd2_path: Path) -> None:
+    fast = load(
+        sd2_path, channels_last=True, fuse_qkv=True, attention="math", attention_slice_size=2
+    )
+    diff = np.abs(images(fast) - images(load(sd2_path))).max()
+    assert diff <= REORDER_TOL
+
+
+def test_bf16_autocast_is_close_to_fp32(sd1_path: Path, plain: np.ndarray) -> None:
+    fast = load(sd1_path, autocast="bf16")
+    out = images(fast)
+    assert out.dtype == plain.dtype
+    # Measured on these random tiny weights (4 steps): mean 6.4e-3, max 4.5e-2. bf16 keeps 8
+    # mantissa bits, and random weights amplify rounding more than trained ones do.
+    diff = np.abs(out - plain)
+    assert diff.mean() < 1.2e-2
+    assert diff.max() < 8e-2
+    assert fast.dtype == torch.float32  # the weights stay as loaded
+
+
+def test_compile_matches_and_does_not_recompile_per_call(sd1_path: Path, plain: np.ndarray) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = load(sd1_path, compile=True, compile_backend="aot_eager")
+    assert np.abs(images(pipe) - plain).max() <= REORDER_TOL
+    frames = counters["stats"]["unique_graphs"]
+    assert frames >= 1
+    # Another prompt, seed, scheduler and step count with the same shapes: no new graphs.
+    images(pipe, seed=9, steps=3, scheduler="euler")
+    assert counters["stats"]["unique_graphs"] == frames
+
+
+def test_vae_tiling_decodes_tile_by_tile(sd1_path: Path) -> None:
+    tiled = load(sd1_path, vae_tiling=latentkit.Tiling(tile_size=16, overlap=0.25))
+    plain = load(sd1_path)
+    latents = plain.generate(
+        "a red circle", steps=2, seed=1, height=48, width=64, output_type="latent", progress=False
+    ).images[0][None]
+    ours = tiled.generate(
+        "a red circle", steps=2, seed=1, height=48, width=64, output_type="pt", progress=False
+    ).images[0]
+    direct = tiled.vae.decode(latents, tiling=latentkit.Tiling(tile_size=16, overlap=0.25))
+    expected = (direct[0] / 2 + 0.5).clamp(0, 1)
+    assert torch.equal(ours, expected)
+    # ...and it is not the untiled image (the tiles really were used).
+    untiled = plain.generate(
+        "a red circle", steps=2, seed=1, height=48, width=64, output_type="pt", progress=False
+    ).images[0]
+    assert (ours - untiled).abs().max() > 1e-3
+
+
+def test_vae_tiling_is_exact_within_one_tile(sd1_path: Path) -> None:
+    tiled = load(sd1_path, vae_tiling=True)  # the tiny VAE's tile is its sample_size, 16 px
+    out = tiled.generate(
+        "a red circle", steps=2, seed=1, height=16, width=16, output_type="np", progress=False
+    ).images[0]
+    ref = (
+        load(sd1_path)
+        .generate(
+            "a red circle", steps=2, seed=1, height=16, width=16, output_type="np", progress=False
+        )
+        .images[0]
+    )
+    assert np.array_equal(out, ref)
+
+
+def test_fused_projections_replace_the_separate_layers() -> None:
+    torch.manual_seed(0)
+    self_attn = Attention(16, heads=2, head_dim=8)
+    cross = Attention(16, heads=2, head_dim=8, context_dim=12)
+    x, ctx = torch.randn(3, 5, 16), torch.randn(3, 7, 12)
+    before = self_attn(x), cross(x, ctx)
+    for module in (self_attn, cross):
+        module.fuse_projections()
+        module.fuse_projections()  # idempotent
+    assert {k.split(".")[0] for k in self_attn.state_dict()} == {"to_qkv", "to_out"}
+    assert {k.split(".")[0] for k in cross.state_dict()} == {"to_q", "to_kv", "to_out"}
+    torch.testing.assert_close(self_attn(x), before[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cross(x, ctx), before[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("slice_size", [None, 1, 2, 5, 100])
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_attend_backends_and_slices_agree(backend: str, slice_size: int | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (11, 6, 6))
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
+    out = attend(q, k, v, backend=backend, slice_size=slice_size)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"attention": "flash3"}, "attention must be one of"),
+        ({"attention_slice_size": 0}, "attention_slice_size"),
+        ({"autocast": "int8"}, "autocast must be"),
+        ({"cuda_graphs": True, "cpu_offload": True}, "exclude each other"),
+        ({"compile": "yes"}, "compile must be True or False"),
+    ],
+)
+def test_bad_options_are_typed_errors(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(latentkit.InvalidArgumentError, match=message):
+        Performance(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cuda_graphs": True}, "needs a CUDA device"),
+        ({"cpu_offload": True}, "already runs on the CPU"),
+    ],
+)
+def test_device_options_are_refused_before_loading(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
+    # The folder does not exist: the option check must come first.
+    with pytest.raises(latentkit.InvalidArgumentError, match=message):
+        latentkit.load_pipeline(
+            tmp_path / "missing", device="cpu", performance=Performance(**options)
+        )
+
+
+def test_generate_keeps_one_pipeline_per_performance(sd1_path: Path) -> None:
+    latentkit.clear_cache()
+    kw: dict[str, Any] = {
+        "model": sd1_path,
+        "steps": 1,
+        "seed": 0,
+        "height": SIZE,
+        "width": SIZE,
+        "progress": False,
+        "device": "cpu",
+    }
+    latentkit.generate("a red circle", **kw)
+    from latentkit import api
+
+    first = next(iter(api._cache.values()))
+    latentkit.generate("a red circle", performance=Performance(fuse_qkv=True), **kw)
+    second = next(iter(api._cache.values()))
+    assert second is not first and second.performance.fuse_qkv
+    latentkit.clear_cache()
+    with pytest.raises(latentkit.InvalidArgumentError, match="performance"):
+        latentkit.generate("x", model=first, performance=Performance())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("options", [{"cuda_graphs": True}, {"cpu_offload": True}])
+def test_cuda_options_match_the_plain_cuda_path(sd1_path: Path, options: dict[str, Any]) -> None:
+    def run(**o: Any) -> np.ndarray:
+        pipe = latentkit.load_pipeline(
+            sd1_path, device="cuda", dtype="fp32", progress=False, performance=Performance(**o)
+        )
+        return images(pipe)
+
+    assert np.abs(run(**options) - run()).max() <= REORDER_TOL
