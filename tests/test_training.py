@@ -373,3 +373,37 @@ def test_ema_cap_and_state() -> None:
     other.load_state_dict(ema.state_dict())
     assert other.updates == 1000 and other.decay == 0.9
     assert torch.equal(other.shadow["weight"], ema.shadow["weight"])
+
+
+def test_min_snr_weights_follow_the_paper() -> None:
+    """Hang et al. 2023: x0 targets get weight min(SNR_t, gamma); with a zero prediction and
+    x0 = 1 every item's squared error is 1, so the loss is the mean weight of the drawn t."""
+    scheduler = schedulers.create("ddpm", prediction_type="sample")
+    drawn: list[Tensor] = []
+
+    def zero(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        drawn.append(t)
+        return torch.zeros_like(x)
+
+    g = torch.Generator().manual_seed(0)
+    loss = denoiser_loss(
+        zero, scheduler, torch.ones(256, 1, 2, 2), torch.zeros(256, 1, 1), g, snr_gamma=5.0
+    )  # type: ignore[arg-type]
+    a = scheduler.alphas_cumprod.double()[drawn[0]]
+    expected = (a / (1 - a)).clamp(max=5.0).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_min_snr_with_a_huge_gamma_is_the_plain_epsilon_loss() -> None:
+    scheduler = schedulers.create("ddpm")
+    x0 = torch.randn(32, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    half: Any = lambda x, t, c: 0.5 * x  # noqa: E731
+    plain = denoiser_loss(
+        half, scheduler, x0, torch.zeros(32, 1, 1), torch.Generator().manual_seed(1)
+    )
+    weighted = denoiser_loss(
+        half, scheduler, x0, torch.zeros(32, 1, 1), torch.Generator().manual_seed(1), snr_gamma=1e12
+    )
+    assert weighted.item() == pytest.approx(plain.item(), rel=1e-5)
+    with pytest.raises(InvalidArgumentError, match="snr_gamma"):
+        denoiser_loss(half, scheduler, x0, torch.zeros(32, 1, 1), snr_gamma=0.0)
