@@ -148,6 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="continue training the text encoder and UNet of a saved model (its VAE is kept)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -189,30 +195,40 @@ def main() -> None:
     images, captions = render_images(args.images, args.seed)
     print(f"{stamp()} rendered {len(captions)} images", flush=True)
 
+    resumed = None
+    if args.resume is not None:
+        from latentkit import load_pipeline
+
+        resumed = load_pipeline(args.resume, device=device, dtype="fp32", progress=False)
+
     # ------------------------------------------------------------ 1. autoencoder
     torch.manual_seed(args.seed + 1)
     vae = AutoencoderKL(AutoencoderKLConfig.from_dict(VAE_CONFIG)).to(device)
+    if resumed is not None:
+        vae = resumed.vae
 
     def vae_log(step: int, loss: float) -> None:
         if step % args.log_every == 0 or step == args.vae_steps:
             print(f"{stamp()} vae step {step}/{args.vae_steps} loss {loss:.4f}", flush=True)
 
-    t0 = time.perf_counter()
-    # The autoencoder trains in float32: under bfloat16 autocast its loss fell 7x slower
-    # (0.77 vs 0.11 after 150 steps), while the denoiser's curve is the same in both.
-    train_autoencoder(
-        vae,
-        Batches(
-            images, batch=args.vae_batch, seed=args.seed + 2, transform=lambda x: [to_unit(x)]
-        ),
-        steps=args.vae_steps,
-        lr=args.vae_lr,
-        kl_weight=args.kl_weight,
-        seed=args.seed + 3,
-        callback=vae_log,
-    )
-    vae_s = time.perf_counter() - t0
-    print(f"{stamp()} vae: {args.vae_steps / vae_s:.2f} it/s", flush=True)
+    vae_s = 0.0
+    if resumed is None:
+        t0 = time.perf_counter()
+        # The autoencoder trains in float32: under bfloat16 autocast its loss fell 7x slower
+        # (0.77 vs 0.11 after 150 steps), while the denoiser's curve is the same in both.
+        train_autoencoder(
+            vae,
+            Batches(
+                images, batch=args.vae_batch, seed=args.seed + 2, transform=lambda x: [to_unit(x)]
+            ),
+            steps=args.vae_steps,
+            lr=args.vae_lr,
+            kl_weight=args.kl_weight,
+            seed=args.seed + 3,
+            callback=vae_log,
+        )
+        vae_s = time.perf_counter() - t0
+        print(f"{stamp()} vae: {args.vae_steps / vae_s:.2f} it/s", flush=True)
 
     # ------------------------------------------------------------ 2. latents
     vae.eval()
@@ -232,11 +248,12 @@ def main() -> None:
         for x in ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     ]
     rec_report = evaluate(rec_images, captions[:256])
-    std = float(means.std())
-    vae_config = dataclasses.replace(vae.config, scaling_factor=1.0 / std)
-    shipped_vae = AutoencoderKL(vae_config)
-    shipped_vae.load_state_dict(vae.state_dict())
-    vae = shipped_vae.to(device).eval()
+    std = float(means.std()) if resumed is None else 1.0 / vae.scaling_factor
+    if resumed is None:
+        vae_config = dataclasses.replace(vae.config, scaling_factor=1.0 / std)
+        shipped_vae = AutoencoderKL(vae_config)
+        shipped_vae.load_state_dict(vae.state_dict())
+        vae = shipped_vae.to(device).eval()
     latents = means / std
     print(
         f"{stamp()} latents {tuple(latents.shape)} std {std:.4f} -> scaling_factor "
@@ -248,12 +265,22 @@ def main() -> None:
     # ------------------------------------------------------------ 3. text encoder + UNet
     from latentkit.training import build_word_tokenizer
 
-    tokenizer = build_word_tokenizer(vocabulary(), model_max_length=MAX_TOKENS)
+    if resumed is None:
+        tokenizer = build_word_tokenizer(vocabulary(), model_max_length=MAX_TOKENS)
+        text_encoder = build_text_encoder(tokenizer, args.seed + 4).to(device)
+        torch.manual_seed(args.seed + 5)
+        unet = UNet2DCondition(UNetConfig.from_dict(UNET_CONFIG)).to(device)
+    else:
+        tokenizer, text_encoder, unet = (
+            resumed.text.tokenizer,
+            resumed.text.text_encoder,
+            resumed.unet,
+        )
+        text_encoder.config._attn_implementation = "eager"
+        for p in (*text_encoder.parameters(), *unet.parameters()):
+            p.requires_grad_(True)
     ids = token_ids(tokenizer, captions)
     empty_ids = token_ids(tokenizer, [""]).to(device)
-    text_encoder = build_text_encoder(tokenizer, args.seed + 4).to(device)
-    torch.manual_seed(args.seed + 5)
-    unet = UNet2DCondition(UNetConfig.from_dict(UNET_CONFIG)).to(device)
     model = Joint(text_encoder, unet).train()
     for module in unet.modules():
         if isinstance(module, Attention):

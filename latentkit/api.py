@@ -115,8 +115,8 @@ def generate(
     *,
     model: str | os.PathLike[str] | StableDiffusion = DEFAULT_MODEL,
     negative_prompt: str | Sequence[str] | None = None,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
     scheduler: str | Scheduler | None = None,
     seed: Seeds = None,
@@ -144,8 +144,10 @@ def generate(
         model: A Hub repo id, a local diffusers folder, or a loaded pipeline. The loaded
             model is kept, so repeated calls with the same model do not reload it.
         negative_prompt: What to steer away from (the unconditional branch of guidance).
-        steps: Number of denoising steps.
-        guidance_scale: Classifier-free guidance weight; ≤ 1 turns guidance off.
+        steps: Number of denoising steps; ``None``: the model's recommended number
+            (20 for the built-in shapes model), else 50.
+        guidance_scale: Classifier-free guidance weight; ≤ 1 turns guidance off. ``None``:
+            the model's recommended scale, else 7.5 (Stable Diffusion's usual value).
         guidance_rescale: Rescale factor φ of Lin et al. 2024 (0 = off).
         scheduler: A scheduler name (see ``latentkit.schedulers.names()``) or object;
             ``None`` uses the model's own.

@@ -36,8 +36,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="scheduler name (see `latentkit schedulers`); default: the model's own",
     )
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument(
+        "--steps", type=int, default=None, help="default: the model's recommendation, else 50"
+    )
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the model's recommendation, else 7.5)",
+    )
     gen.add_argument(
         "--seed",
         type=int,

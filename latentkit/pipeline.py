@@ -37,6 +37,7 @@ from latentkit.results import (
     OutputType,
     to_output,
 )
+from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import AutoencoderKL
@@ -44,6 +45,11 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("latentkit")
+
+DEFAULT_STEPS = 50
+"""Denoising steps when neither the caller nor the model says (diffusers' default)."""
+DEFAULT_GUIDANCE = 7.5
+"""Classifier-free guidance scale when neither the caller nor the model says (diffusers')."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class StableDiffusion:
     """Depth conditioning with the repo's own estimator, for depth-to-image models."""
     runtime: Runtime | None = None
     """How the networks run (`latentkit.Performance`); None: the plain path."""
+    defaults: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The model's recommended ``steps`` / ``guidance_scale`` (``_latentkit_defaults`` in
+    ``model_index.json``), used when `generate` is not given them."""
 
     def __post_init__(self) -> None:
         if self.runtime is None:
@@ -186,6 +195,7 @@ class StableDiffusion:
             name=files.name,
             depth=depth,
             runtime=runtime,
+            defaults=check_generation_defaults(files.model_index().get(DEFAULTS_KEY, {})),
         )
 
     def with_scheduler(self, scheduler: str | Scheduler, /, **options: Any) -> StableDiffusion:
@@ -464,8 +474,8 @@ class StableDiffusion:
         prompt: str | Sequence[str] | None = None,
         *,
         negative_prompt: str | Sequence[str] | None = None,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         scheduler: str | Scheduler | None = None,
         seed: Seeds = None,
@@ -484,6 +494,10 @@ class StableDiffusion:
         depth_map: ImageInput | None = None,
     ) -> GenerationResult:
         """Generate images for ``prompt``; see `latentkit.generate` for the keywords."""
+        if steps is None:
+            steps = int(self.defaults.get("steps", DEFAULT_STEPS))
+        if guidance_scale is None:
+            guidance_scale = float(self.defaults.get("guidance_scale", DEFAULT_GUIDANCE))
         _check_generate_args(
             steps=steps,
             guidance_scale=guidance_scale,

@@ -57,13 +57,17 @@ def save_pipeline(
     tokenizer: CLIPTokenizer,
     scheduler: Scheduler,
     overwrite: bool = False,
+    generation_defaults: dict[str, float] | None = None,
 ) -> Path:
     """Write a Stable Diffusion pipeline to ``folder`` in the diffusers layout; returns its path.
 
     Weights are written as safetensors in their current dtype. An existing non-empty
     ``folder`` is refused with `InvalidArgumentError` unless ``overwrite=True``, which
     replaces ``model_index.json`` and the component subfolders (`COMPONENTS`) and leaves any
-    other file there alone.
+    other file there alone. ``generation_defaults`` (``steps``, ``guidance_scale``) are the
+    settings this model is meant to be sampled with; they are written to ``model_index.json``
+    under ``_latentkit_defaults`` (diffusers ignores keys that start with ``_``) and used by
+    `StableDiffusion.generate` when the caller leaves those keywords out.
 
     Example:
         >>> save_pipeline("my-model", unet=unet, vae=vae, text_encoder=text_encoder,
@@ -90,12 +94,35 @@ def save_pipeline(
     text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
     tokenizer.save_pretrained(str(root / "tokenizer"))
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler.to_config())
+    index = model_index(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    if generation_defaults:
+        index[DEFAULTS_KEY] = check_generation_defaults(generation_defaults)
     # Written last: a folder without it is not a pipeline, so an interrupted save is not loaded.
-    _write_json(
-        root / "model_index.json",
-        model_index(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler),
-    )
+    _write_json(root / "model_index.json", index)
     return root
+
+
+DEFAULTS_KEY = "_latentkit_defaults"
+"""The ``model_index.json`` key holding a model's recommended ``steps`` / ``guidance_scale``."""
+
+
+def check_generation_defaults(defaults: Any) -> dict[str, float]:
+    """``defaults`` checked: only ``steps`` (an int >= 1) and ``guidance_scale`` (>= 0)."""
+    if not isinstance(defaults, dict):
+        raise InvalidArgumentError(f"{DEFAULTS_KEY} must be a mapping, got {defaults!r}")
+    unknown = set(defaults) - {"steps", "guidance_scale"}
+    if unknown:
+        raise InvalidArgumentError(f"{DEFAULTS_KEY}: unknown keys {sorted(unknown)}")
+    steps, scale = defaults.get("steps"), defaults.get("guidance_scale")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InvalidArgumentError(f"{DEFAULTS_KEY}: steps must be an int >= 1, got {steps!r}")
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, int | float) or not scale >= 0
+    ):
+        raise InvalidArgumentError(
+            f"{DEFAULTS_KEY}: guidance_scale must be a number >= 0, got {scale!r}"
+        )
+    return dict(defaults)
 
 
 def _save_model(folder: Path, config: dict[str, Any], module: torch.nn.Module) -> None:

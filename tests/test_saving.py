@@ -3,6 +3,7 @@ the configs' to_dict is the inverse of from_dict and a valid diffusers config.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,36 @@ def test_refuses_to_overwrite(parts: dict[str, Any], tmp_path: Path) -> None:
 def test_writes_into_an_empty_folder(parts: dict[str, Any], tmp_path: Path) -> None:
     save_pipeline(tmp_path, **parts)  # exists but empty: no overwrite needed
     assert (tmp_path / "model_index.json").is_file()
+
+
+def test_generation_defaults_are_the_models_recommendation(
+    parts: dict[str, Any], tmp_path: Path
+) -> None:
+    save_pipeline(tmp_path, **parts, generation_defaults={"steps": 3, "guidance_scale": 2.5})
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_latentkit_defaults"] == {"steps": 3, "guidance_scale": 2.5}
+    pipe = latentkit.load_pipeline(tmp_path, device="cpu", progress=False)
+    calls: list[Any] = []
+    out = pipe.generate(
+        "a red circle", seed=0, height=16, width=16, callback=calls.append, progress=False
+    )
+    assert (out.parameters[0].steps, out.parameters[0].guidance_scale) == (3, 2.5)
+    assert len(calls) == 3
+    # The caller's values win.
+    out = pipe.generate(
+        "a red circle", seed=0, steps=2, guidance_scale=1.0, height=16, width=16, progress=False
+    )
+    assert (out.parameters[0].steps, out.parameters[0].guidance_scale) == (2, 1.0)
+
+
+@pytest.mark.parametrize(
+    "defaults", [{"steps": 0}, {"guidance_scale": -1}, {"sampler": "ddim"}, {"steps": True}]
+)
+def test_bad_generation_defaults_are_refused(
+    parts: dict[str, Any], tmp_path: Path, defaults: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidArgumentError, match="_latentkit_defaults"):
+        save_pipeline(tmp_path, **parts, generation_defaults=defaults)
 
 
 @pytest.mark.parametrize("kwargs", [tiny_models.sd1_unet_kwargs(), tiny_models.sd2_unet_kwargs()])

@@ -212,9 +212,7 @@ def train_denoiser(
                 context = drop_context(
                     context, empty_context, p_uncond=p_uncond, generator=generator
                 )
-            return denoiser_loss(
-                unet, scheduler, latents, context, generator, snr_gamma=snr_gamma
-            )
+            return denoiser_loss(unet, scheduler, latents, context, generator, snr_gamma=snr_gamma)
 
         return _run(
             unet,
