@@ -238,7 +238,15 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--latentkit-option wants key=value, not {pair!r}")
-        options[key.strip()] = ast.literal_eval(value.strip())
+        value = value.strip()
+        if value.startswith("Performance("):
+            # The one non-literal value: latentkit's options object, e.g.
+            # --latentkit-option "performance=Performance(compile=True)".
+            import latentkit
+
+            options[key.strip()] = eval(value, {"Performance": latentkit.Performance})  # noqa: S307
+        else:
+            options[key.strip()] = ast.literal_eval(value)
     return options
 
 

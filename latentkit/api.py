@@ -17,7 +17,8 @@ from latentkit.pipeline import StableDiffusion
 from latentkit.protocols import Callback, Scheduler, Seeds
 from latentkit.results import GenerationResult, OutputType
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_MODEL = "latentkit/shapes"
+"""The built-in shapes model: it ships inside the package, so the default works offline."""
 
 
 def load_pipeline(

@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", default="1,3,7.5", help="guidance scales")
     ev.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM steps (0 skips DDPM)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch", type=int, default=16, help="prompts generated together")
     ev.add_argument("--device", default="auto")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -161,10 +162,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"--steps and --guidance take comma-separated numbers ({e})"
         ) from e
+    if args.batch < 1:
+        raise InvalidArgumentError(f"--batch must be at least 1, got {args.batch}")
     prompts = held_out_prompts(args.seed, n_single=args.single, n_two=args.two)
     runs = evaluation.default_runs(steps=steps, guidance=guidance, ddpm_steps=args.ddpm_steps)
     pipe = load_pipeline(args.model, device=args.device, progress=not args.quiet)
-    reports = evaluation.sampler_grid(pipe, prompts, runs, seed=args.seed, progress=not args.quiet)
+    reports = evaluation.sampler_grid(
+        pipe, prompts, runs, seed=args.seed, batch=args.batch, progress=not args.quiet
+    )
     print(evaluation.format_table(reports))
     return 0
 

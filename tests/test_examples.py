@@ -27,6 +27,7 @@ EXAMPLES = {
     "image_to_image.py": ["image_to_image.png"],
     "inpainting.py": ["inpainting.png"],
     "depth_to_image.py": ["depth_estimated.png", "depth_given.png"],
+    "fast_generation.py": ["fast_generation-plain.png", "fast_generation-fast.png"],
 }
 # The tiny model each example runs on (fixtures in conftest.py); the rest use "sd1_path".
 MODELS = {"inpainting.py": "inpaint_path", "depth_to_image.py": "depth_path"}
@@ -60,6 +61,8 @@ def test_example_runs(script: str, tmp_path: Path, request: pytest.FixtureReques
             for name in EXAMPLES[script]
         ]
         assert samplers == ["pndm", "ddim", "dpm-solver++", "ddim"]
+    if script == "fast_generation.py":
+        assert "largest pixel difference" in proc.stdout
     if script == "progress_callback.py":
         records = json.loads((tmp_path / "steps.json").read_text())
         assert records and [r["index"] for r in records] == list(range(records[0]["total"]))

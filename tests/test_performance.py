@@ -47,9 +47,9 @@ def plain(sd1_path: Path) -> np.ndarray:
         {"attention": "math"},
         {"attention_slice_size": 1},
         {"attention": "math", "attention_slice_size": 3},
-        {"fuse_qkv": True},
+        {"fuse_qkv": False},
         {"channels_last": True},
-        {"channels_last": True, "fuse_qkv": True, "attention": "math"},
+        {"channels_last": True, "fuse_qkv": False, "attention": "math"},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -199,9 +199,9 @@ def test_generate_keeps_one_pipeline_per_performance(sd1_path: Path) -> None:
     from latentkit import api
 
     first = next(iter(api._cache.values()))
-    latentkit.generate("a red circle", performance=Performance(fuse_qkv=True), **kw)
+    latentkit.generate("a red circle", performance=Performance(fuse_qkv=False), **kw)
     second = next(iter(api._cache.values()))
-    assert second is not first and second.performance.fuse_qkv
+    assert second is not first and not second.performance.fuse_qkv
     latentkit.clear_cache()
     with pytest.raises(latentkit.InvalidArgumentError, match="performance"):
         latentkit.generate("x", model=first, performance=Performance())
