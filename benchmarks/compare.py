@@ -244,7 +244,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             # --latentkit-option "performance=Performance(compile=True)".
             import latentkit
 
-            options[key.strip()] = eval(value, {"Performance": latentkit.Performance})  # noqa: S307
+            options[key.strip()] = eval(value, {"Performance": latentkit.Performance})
         else:
             options[key.strip()] = ast.literal_eval(value)
     return options

@@ -611,3 +611,12 @@ def test_sampling_is_finite_and_yields_every_evaluation(
     yielded = list(scheduler.sample(DummyModel(), noise, steps=steps))
     assert len(yielded) == len(scheduler.timesteps(steps))
     assert all(torch.isfinite(s.sample).all() and s.sample.dtype == noise.dtype for s in yielded)
+
+
+def test_a_null_in_a_config_means_the_receiving_schedulers_default() -> None:
+    # DPM-Solver's config writes variance_type: null; DDPM made from it keeps its default.
+    from latentkit import schedulers as registry
+
+    made = registry.create("ddpm", config={"variance_type": None, "beta_schedule": "scaled_linear"})
+    assert made.variance_type == "fixed_small"  # type: ignore[attr-defined]
+    assert made.beta_schedule == "scaled_linear"  # type: ignore[attr-defined]

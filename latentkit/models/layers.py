@@ -209,31 +209,48 @@ class Attention(nn.Module):
         """Compute q, k, v (self-attention) or k, v (cross-attention) with one matrix product.
 
         One larger GEMM instead of three small ones; the result is the same up to float
-        rounding. The separate layers are replaced by ``to_qkv`` / ``to_kv``, so the state
-        dict of a fused module has those keys instead: fuse for inference, after loading.
+        rounding. The separate layers are replaced by ``to_qkv`` / ``to_kv``, but
+        ``state_dict()`` still has the checkpoint keys (``to_q``, ``to_k``, ``to_v``), so a
+        fused model saves like an unfused one. Fuse after loading.
         """
         if self.to_qkv is not None or self.to_kv is not None:
             return
         parts = ["to_k", "to_v"] if self.cross else ["to_q", "to_k", "to_v"]
         layers = [getattr(self, name) for name in parts]
         first = layers[0]
+        # Built on the meta device (no random init to throw away), then given the weights.
         fused = nn.Linear(
             first.in_features,
             sum(layer.out_features for layer in layers),
             bias=first.bias is not None,
-            device=first.weight.device,
-            dtype=first.weight.dtype,
+            device="meta",
         )
+        grad = first.weight.requires_grad
         with torch.no_grad():
-            fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
-            if fused.bias is not None:
-                fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
+            fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), grad)
+            if first.bias is not None:
+                fused.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]), grad)
         for name in parts:
             delattr(self, name)
         if self.cross:
             self.to_kv = fused
         else:
             self.to_qkv = fused
+        self._register_state_dict_hook(_unfused_keys)  # type: ignore[no-untyped-call]
+
+
+def _unfused_keys(
+    module: nn.Module, state: dict[str, Tensor], prefix: str, metadata: object
+) -> dict[str, Tensor]:
+    """State-dict hook of a fused `Attention`: split ``to_qkv`` / ``to_kv`` back into the
+    checkpoint's ``to_q`` / ``to_k`` / ``to_v`` entries."""
+    for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+        for kind in ("weight", "bias"):
+            tensor = state.pop(f"{prefix}{fused}.{kind}", None)
+            if tensor is not None:
+                for part, piece in zip(parts, tensor.chunk(len(parts)), strict=True):
+                    state[f"{prefix}{part}.{kind}"] = piece
+    return state
 
 
 class SpatialSelfAttention(Attention):

@@ -60,7 +60,9 @@ def create(name: str, /, *, config: Mapping[str, Any] | None = None, **opts: Any
     carried = {
         k: v
         for k, v in (config or {}).items()
-        if k in accepted and k not in fixed and not k.startswith("_")
+        # A null in a config means "not set" (DPM-Solver writes variance_type: null); the
+        # receiving scheduler's default applies, as diffusers' code paths treat it.
+        if k in accepted and k not in fixed and not k.startswith("_") and v is not None
     }
     carried = _without_defaults_used(config or {}, carried)
     scheduler = cls(**{**carried, **preset, **opts})
