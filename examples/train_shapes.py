@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -369,18 +368,8 @@ def main() -> None:
         tokenizer=tokenizer,
         scheduler=sampler,
         overwrite=args.overwrite,
+        generation_defaults={"steps": 20, "guidance_scale": 2.0},
     )
-    # Stable Diffusion's scheduler configs also carry the fields other schedulers read when
-    # a user swaps samplers (diffusers' from_config and latentkit's create(config=) alike):
-    # without clip_sample=False, DDIM would clip the unit-variance latents to [-1, 1].
-    config_path = folder / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config.update(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    model_index = folder / "model_index.json"
-    index = json.loads(model_index.read_text())
-    index["_latentkit_defaults"] = {"steps": 20, "guidance_scale": 2.0}
-    model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     sizes = {
         "vae": sum(p.numel() for p in vae.parameters()),
         "text_encoder": sum(p.numel() for p in text_encoder.parameters()),

@@ -12,7 +12,7 @@ import torch
 from latentkit.devices import resolve_device, resolve_dtype
 from latentkit.errors import InvalidArgumentError
 from latentkit.images import ImageInput
-from latentkit.performance import Performance
+from latentkit.performance import Performance, Runtime
 from latentkit.pipeline import StableDiffusion
 from latentkit.protocols import Callback, Scheduler, Seeds
 from latentkit.results import GenerationResult, OutputType
@@ -42,7 +42,7 @@ def load_pipeline(
     ``revision`` pinning work as in huggingface_hub. Pickle weights are refused unless
     ``allow_pickle=True``. ``performance`` picks how the networks run (fused attention,
     channels-last, bf16 autocast, compilation, tiling, offloading; see
-    `latentkit.Performance`); the default is the plain path.
+    `latentkit.Performance`); the default is the eager path with fused q/k/v projections.
 
     Example:
         >>> pipe = latentkit.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP
@@ -57,8 +57,6 @@ def load_pipeline(
         raise InvalidArgumentError(
             f"performance must be a latentkit.Performance, not {type(performance).__name__}"
         )
-    from latentkit.performance import Runtime
-
     Runtime(performance or Performance(), dev).check()
     files = resolve(
         source,

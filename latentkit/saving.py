@@ -93,13 +93,25 @@ def save_pipeline(
     _save_model(root / "vae", vae.config.to_dict(), vae)
     text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
     tokenizer.save_pretrained(str(root / "tokenizer"))
-    _write_json(root / "scheduler" / "scheduler_config.json", scheduler.to_config())
+    _write_json(root / "scheduler" / "scheduler_config.json", scheduler_config(scheduler))
     index = model_index(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     if generation_defaults:
         index[DEFAULTS_KEY] = check_generation_defaults(generation_defaults)
     # Written last: a folder without it is not a pipeline, so an interrupted save is not loaded.
     _write_json(root / "model_index.json", index)
     return root
+
+
+LATENT_SCHEDULER_FIELDS = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}
+"""Fields Stable Diffusion's scheduler configs carry for the *other* schedulers a user may swap
+in (diffusers' ``from_config`` and `latentkit.schedulers.create(config=)` read them). Without
+``clip_sample=False``, DDIM made from a DPM-Solver config would clip unit-variance latents
+to [-1, 1]."""
+
+
+def scheduler_config(scheduler: Scheduler) -> dict[str, Any]:
+    """``scheduler``'s config plus `LATENT_SCHEDULER_FIELDS` where it does not set them."""
+    return {**LATENT_SCHEDULER_FIELDS, **scheduler.to_config()}
 
 
 DEFAULTS_KEY = "_latentkit_defaults"

@@ -233,3 +233,15 @@ def test_vae_config_round_trip() -> None:
     assert ref.config.scaling_factor == 0.5
     ours = {k: tuple(v.shape) for k, v in AutoencoderKL(config).state_dict().items()}
     assert ours == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+def test_saved_scheduler_config_lets_ddim_run_on_latents(
+    parts: dict[str, Any], tmp_path: Path
+) -> None:
+    from latentkit import schedulers
+
+    save_pipeline(tmp_path, **parts)
+    config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert config["clip_sample"] is False
+    # A DDIM made from the model's config, as a scheduler swap makes it, must not clip.
+    assert schedulers.create("ddim", config=config).clip_sample is False  # type: ignore[attr-defined]
