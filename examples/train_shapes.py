@@ -1,13 +1,20 @@
 """Train latentkit's small text-to-image model on the procedural shapes dataset.
 
-Three stages, all on one device and deterministic from ``--seed`` (on the CPU):
+Four stages, all on one device and deterministic from ``--seed`` (on the CPU):
 
 1. a KL autoencoder (64x64 RGB -> 4x16x16 latents) with `train_autoencoder`;
 2. latents of the whole training set, encoded once with the trained encoder (posterior
    mean), and ``scaling_factor = 1 / std`` so the denoiser sees unit-variance latents;
-3. a CLIP text encoder and a UNet trained jointly from scratch (epsilon prediction,
-   prompt dropout for classifier-free guidance, EMA of both), then saved with
-   `latentkit.saving.save_pipeline` in the diffusers layout.
+3. a CLIP text encoder, trained from scratch with CLIP's contrastive objective against a
+   small image tower on the latents (`contrastive_loss`; every other training caption is a
+   negative, so "left of" must differ from "right of"), then frozen as in Stable Diffusion;
+4. a UNet (v-prediction, Min-SNR weighting, prompt dropout for classifier-free guidance,
+   EMA), then everything is saved with `latentkit.saving.save_pipeline` in the diffusers
+   layout.
+
+Trained jointly with the UNet instead (an earlier recipe), the text encoder mapped all four
+relation words to nearly the same vector and the model placed shapes little better than
+chance.
 
     python examples/train_shapes.py --output latentkit/assets/shapes --overwrite
 
@@ -28,13 +35,26 @@ from PIL import Image
 from torch import Tensor, nn
 
 from latentkit import schedulers
-from latentkit.data.shapes import COLOURS, KINDS, RELATIONS, ShapesDataset
+from latentkit.data.shapes import (
+    COLOURS,
+    KINDS,
+    RELATIONS,
+    ShapesDataset,
+    all_captions,
+    mirrored,
+)
 from latentkit.evaluation import evaluate
 from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from latentkit.models.layers import Attention
 from latentkit.models.unet import UNet2DCondition, UNetConfig
 from latentkit.saving import save_pipeline
-from latentkit.training import EMA, denoiser_loss, drop_context, train_autoencoder
+from latentkit.training import (
+    EMA,
+    contrastive_loss,
+    denoiser_loss,
+    drop_context,
+    train_autoencoder,
+)
 
 MAX_TOKENS = 16  # the longest caption is 9 words + start and end tokens
 
@@ -136,12 +156,26 @@ def token_ids(tokenizer, texts: list[str]) -> Tensor:
     ).input_ids
 
 
-class Joint(nn.Module):
-    """Text encoder + UNet as one module, so one optimiser and one EMA cover both."""
+class ImageTower(nn.Module):
+    """CLIP's image encoder in miniature, reading the autoencoder's latents. Strided
+    convolutions and a flattening projection (no global pooling) keep *where* things are,
+    which the relation words are about."""
 
-    def __init__(self, text_encoder: nn.Module, unet: nn.Module) -> None:
+    def __init__(self, channels: int, size: int, width: int) -> None:
         super().__init__()
-        self.text_encoder, self.unet = text_encoder, unet
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 64, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(128, 128, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(128 * (size // 4) ** 2, width),
+        )
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.net(latents)
 
 
 def main() -> None:
@@ -152,24 +186,40 @@ def main() -> None:
         "--resume",
         type=Path,
         default=None,
-        help="continue training the text encoder and UNet of a saved model (its VAE is kept)",
+        help="continue training the UNet of a saved model (its VAE and text encoder are kept)",
+    )
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="reuse the autoencoder of a saved model and train a new text encoder and UNet",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--images", type=int, default=10000, help="training set size")
-    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="bfloat16 autocast while training the denoiser (weights and optimiser stay float32)",
     )
+    parser.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        default="v_prediction",
+        help="the denoiser's target (v gives the high-noise steps, where layout is decided, "
+        "a full-weight signal)",
+    )
     parser.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
-    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--clip-steps", type=int, default=1000)
+    parser.add_argument("--clip-batch", type=int, default=256)
+    parser.add_argument("--clip-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-steps", type=int, default=3500)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
@@ -195,11 +245,15 @@ def main() -> None:
     images, captions = render_images(args.images, args.seed)
     print(f"{stamp()} rendered {len(captions)} images", flush=True)
 
+    if args.resume is not None and args.vae_from is not None:
+        parser.error("--resume already keeps the saved autoencoder; give one of the two")
     resumed = None
-    if args.resume is not None:
+    if args.resume is not None or args.vae_from is not None:
         from latentkit import load_pipeline
 
-        resumed = load_pipeline(args.resume, device=device, dtype="fp32", progress=False)
+        resumed = load_pipeline(
+            args.resume or args.vae_from, device=device, dtype="fp32", progress=False
+        )
 
     # ------------------------------------------------------------ 1. autoencoder
     torch.manual_seed(args.seed + 1)
@@ -262,12 +316,68 @@ def main() -> None:
         flush=True,
     )
 
-    # ------------------------------------------------------------ 3. text encoder + UNet
+    # ------------------------------------------------------------ 3. CLIP text encoder
+    from tqdm.auto import tqdm
+
     from latentkit.training import build_word_tokenizer
 
-    if resumed is None:
+    # Every caption of the training split: the text side of the contrastive objective, and
+    # the table of text embeddings the UNet trains with (the encoder is frozen after this).
+    vocab = all_captions(split="train")
+    index = {text: i for i, text in enumerate(vocab)}
+    caption_index = torch.tensor([index[c] for c in captions])
+    # An image's right captions: its own and the mirrored wording ("A left of B" is
+    # "B right of A"); every other caption of the split is a negative.
+    positives = torch.zeros(len(vocab), len(vocab), dtype=torch.bool)
+    for text, i in index.items():
+        positives[i, i] = True
+        other = mirrored(text)
+        if other is not None and other in index:
+            positives[i, index[other]] = True
+
+    clip_s = 0.0
+    if args.resume is None:
         tokenizer = build_word_tokenizer(vocabulary(), model_max_length=MAX_TOKENS)
         text_encoder = build_text_encoder(tokenizer, args.seed + 4).to(device)
+        torch.manual_seed(args.seed + 8)
+        tower = ImageTower(latents.shape[1], latents.shape[-1], TEXT_WIDTH).to(device)
+        text_head = nn.Linear(TEXT_WIDTH, TEXT_WIDTH, bias=False).to(device)
+        logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
+        clip_params = [
+            *text_encoder.parameters(),
+            *tower.parameters(),
+            *text_head.parameters(),
+            logit_scale,
+        ]
+        clip_optimizer = torch.optim.AdamW(clip_params, lr=args.clip_lr, weight_decay=0.01)
+        vocab_ids = token_ids(tokenizer, vocab).to(device)
+        clip_batches = Batches(latents, caption_index, batch=args.clip_batch, seed=args.seed + 9)
+        t0 = time.perf_counter()
+        data = iter(())
+        with tqdm(total=args.clip_steps, desc="training text encoder (CLIP)") as bar:
+            for step in range(1, args.clip_steps + 1):
+                try:
+                    z, which = next(data)
+                except StopIteration:
+                    data = iter(clip_batches)
+                    z, which = next(data)
+                for group in clip_optimizer.param_groups:
+                    group["lr"] = args.clip_lr * min(1.0, step / args.warmup)
+                text_features = text_head(text_encoder(vocab_ids).pooler_output)
+                loss = contrastive_loss(
+                    tower(z.to(device)),
+                    text_features,
+                    positives[which].to(device),
+                    logit_scale=logit_scale.clamp(max=math.log(100)).exp(),  # CLIP's cap
+                )
+                clip_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                clip_optimizer.step()
+                bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+                bar.update()
+                if step % args.log_every == 0 or step == args.clip_steps:
+                    print(f"{stamp()} clip step {step}/{args.clip_steps} loss {float(loss):.4f}")
+        clip_s = time.perf_counter() - t0
         torch.manual_seed(args.seed + 5)
         unet = UNet2DCondition(UNetConfig.from_dict(UNET_CONFIG)).to(device)
     else:
@@ -276,12 +386,14 @@ def main() -> None:
             resumed.text.text_encoder,
             resumed.unet,
         )
-        text_encoder.config._attn_implementation = "eager"
-        for p in (*text_encoder.parameters(), *unet.parameters()):
-            p.requires_grad_(True)
-    ids = token_ids(tokenizer, captions)
-    empty_ids = token_ids(tokenizer, [""]).to(device)
-    model = Joint(text_encoder, unet).train()
+        unet.requires_grad_(True)
+
+    # ------------------------------------------------------------ 4. UNet
+    text_encoder.eval().requires_grad_(False)
+    with torch.no_grad():  # the whole conditioning, computed once: (captions, tokens, width)
+        table = text_encoder(token_ids(tokenizer, vocab).to(device))[0]
+        empty = text_encoder(token_ids(tokenizer, [""]).to(device))[0]
+    unet.train()
     for module in unet.modules():
         if isinstance(module, Attention):
             module.backend = "math"  # tiny heads: faster than the fused kernels' CPU backward
@@ -292,9 +404,10 @@ def main() -> None:
         beta_end=0.012,
         clip_sample=False,
         steps_offset=1,
+        prediction_type=args.prediction_type,
     )
-    ema = EMA(model, decay=args.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.unet_lr, weight_decay=0.01)
+    ema = EMA(unet, decay=args.ema_decay)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
         if step <= args.warmup:
@@ -302,24 +415,23 @@ def main() -> None:
         p = (step - args.warmup) / max(1, args.unet_steps - args.warmup)
         return args.unet_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
-    batches = Batches(latents, ids, batch=args.unet_batch, seed=args.seed + 6)
+    batches = Batches(latents, caption_index, batch=args.unet_batch, seed=args.seed + 6)
     generator = torch.Generator(device).manual_seed(args.seed + 7)
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     running, data = [], iter(())
-    with tqdm(total=args.unet_steps, desc="training text encoder + unet") as bar:
+    with tqdm(total=args.unet_steps, desc="training unet") as bar:
         for step in range(1, args.unet_steps + 1):
             try:
-                x0, batch_ids = next(data)
+                x0, which = next(data)
             except StopIteration:
                 data = iter(batches)
-                x0, batch_ids = next(data)
-            x0, batch_ids = x0.to(device), batch_ids.to(device)
+                x0, which = next(data)
+            x0 = x0.to(device)
+            context = drop_context(
+                table[which.to(device)], empty, p_uncond=args.p_uncond, generator=generator
+            )
             with autocast():
-                context = text_encoder(batch_ids)[0]
-                empty = text_encoder(empty_ids)[0]
-                context = drop_context(context, empty, p_uncond=args.p_uncond, generator=generator)
                 loss = denoiser_loss(
                     unet, scheduler, x0, context, generator, snr_gamma=args.snr_gamma
                 )
@@ -327,9 +439,9 @@ def main() -> None:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             optimizer.step()
-            ema.update(model)
+            ema.update(unet)
             running.append(float(loss.detach()))
             bar.set_postfix(loss=f"{running[-1]:.4f}", refresh=False)
             bar.update()
@@ -345,8 +457,8 @@ def main() -> None:
     unet_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------ save
-    ema.copy_to(model)
-    model.eval()
+    ema.copy_to(unet)
+    unet.eval()
     for module in unet.modules():
         if isinstance(module, Attention):
             module.backend = "sdpa"
@@ -359,6 +471,7 @@ def main() -> None:
         beta_start=0.00085,
         beta_end=0.012,
         steps_offset=1,
+        prediction_type=args.prediction_type,
     )
     folder = save_pipeline(
         args.output,
@@ -378,7 +491,7 @@ def main() -> None:
     total_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
     print(
         f"{stamp()} saved {folder} ({total_mb:.1f} MB); params {sizes}; "
-        f"vae {vae_s / 60:.1f} min, unet {unet_s / 60:.1f} min",
+        f"vae {vae_s / 60:.1f} min, text encoder {clip_s / 60:.1f} min, unet {unet_s / 60:.1f} min",
         flush=True,
     )
 

@@ -331,10 +331,12 @@ def read_state_dict(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    rename: Callable[[str], str] = lambda k: k,
+    rename: Callable[[str], str | None] = lambda k: k,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` one tensor at a time, converted to ``dtype`` on ``device``.
 
+    ``rename`` maps a checkpoint key to the module's parameter name; a key it maps to None
+    is skipped unread (a tensor the format carries that the module has no place for).
     Streaming keeps peak memory at the model's size plus one tensor.
     """
     from safetensors import safe_open
@@ -345,11 +347,15 @@ def read_state_dict(
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    yield rename(key), _convert(f.get_tensor(key), device, dtype)
+                    name = rename(key)
+                    if name is not None:
+                        yield name, _convert(f.get_tensor(key), device, dtype)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             for key, tensor in state.items():
-                yield rename(key), _convert(tensor, device, dtype)
+                name = rename(key)
+                if name is not None:
+                    yield name, _convert(tensor, device, dtype)
 
 
 def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -122,12 +122,17 @@ class StableDiffusion:
     ) -> StableDiffusion:
         """Build the pipeline from resolved model files (see `latentkit.load_pipeline`)."""
         from tqdm.auto import tqdm
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTokenizer
 
         from latentkit.models.autoencoder import (
             AutoencoderKL,
             AutoencoderKLConfig,
             rename_legacy_key,
+        )
+        from latentkit.models.text_encoder import (
+            CLIPTextConfig,
+            CLIPTextEncoder,
+            rename_checkpoint_key,
         )
         from latentkit.models.unet import UNet2DCondition, UNetConfig
 
@@ -157,7 +162,7 @@ class StableDiffusion:
             scheduler = schedulers.from_config(scheduler_config)
         unet_config = UNetConfig.from_dict(files.config("unet"))
         vae_config = AutoencoderKLConfig.from_dict(files.config("vae"))
-        files.config("text_encoder")  # fail early, before any weights are read
+        text_config = CLIPTextConfig.from_dict(files.config("text_encoder"))
 
         bar = tqdm(total=4, desc=f"loading {files.name}", disable=not progress, leave=False)
         with bar, progress_bars(progress):
@@ -165,6 +170,7 @@ class StableDiffusion:
                 # Built on the meta device: no memory, no random init; the weights are assigned.
                 unet = UNet2DCondition(unet_config)
                 vae = AutoencoderKL(vae_config)
+                text_encoder = CLIPTextEncoder(text_config)
             load_into(
                 unet, read_state_dict(files.weights["unet"], device=home, dtype=dt), name="unet"
             )
@@ -174,7 +180,10 @@ class StableDiffusion:
             )
             load_into(vae, renamed, name="vae")
             bar.update()
-            text_encoder = _transformers_model(CLIPTextModel, files, "text_encoder", home, dt)
+            renamed = read_state_dict(
+                files.weights["text_encoder"], device=home, dtype=dt, rename=rename_checkpoint_key
+            )
+            load_into(text_encoder, renamed, name="text_encoder")
             bar.update()
             tokenizer = CLIPTokenizer.from_pretrained(
                 str(files.root / "tokenizer"), local_files_only=True

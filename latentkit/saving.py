@@ -2,7 +2,8 @@
 
 The folder is what ``StableDiffusionPipeline.save_pretrained`` writes: ``model_index.json``;
 ``unet/`` and ``vae/`` with ``config.json`` and ``diffusion_pytorch_model.safetensors``;
-``text_encoder/`` and ``tokenizer/`` written by transformers' ``save_pretrained``; and
+``text_encoder/`` with the ``config.json`` and ``model.safetensors`` of a transformers
+``CLIPTextModel``; ``tokenizer/`` written by transformers' ``save_pretrained``; and
 ``scheduler/scheduler_config.json``. latentkit and diffusers both load it.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from latentkit.errors import InvalidArgumentError
 from latentkit.models.autoencoder import AutoencoderKL
+from latentkit.models.text_encoder import CLIPTextEncoder
 from latentkit.models.unet import UNet2DCondition
 from latentkit.protocols import Scheduler
 
@@ -28,20 +30,31 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """The subfolders `save_pipeline` writes (and, with ``overwrite=True``, replaces)."""
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+TEXT_ENCODER_WEIGHTS_NAME = "model.safetensors"
+"""transformers' name for a model's weights."""
 
 
 def model_index(
-    *, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler: Scheduler
+    *,
+    text_encoder: CLIPTextEncoder | CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    scheduler: Scheduler,
 ) -> dict[str, Any]:
     """The ``model_index.json`` of a text-to-image pipeline: each component's library and
-    class, and no safety checker or feature extractor."""
+    class, and no safety checker or feature extractor. latentkit's `CLIPTextEncoder` is
+    listed as the transformers class that reads its files, ``CLIPTextModel``."""
+    text_class = (
+        "CLIPTextModel"
+        if isinstance(text_encoder, CLIPTextEncoder)
+        else type(text_encoder).__name__
+    )
     return {
         "_class_name": "StableDiffusionPipeline",
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler.to_config()["_class_name"]],
-        "text_encoder": ["transformers", type(text_encoder).__name__],
+        "text_encoder": ["transformers", text_class],
         "tokenizer": ["transformers", type(tokenizer).__name__],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
@@ -53,7 +66,7 @@ def save_pipeline(
     *,
     unet: UNet2DCondition,
     vae: AutoencoderKL,
-    text_encoder: CLIPTextModel,
+    text_encoder: CLIPTextEncoder | CLIPTextModel,
     tokenizer: CLIPTokenizer,
     scheduler: Scheduler,
     overwrite: bool = False,
@@ -61,7 +74,9 @@ def save_pipeline(
 ) -> Path:
     """Write a Stable Diffusion pipeline to ``folder`` in the diffusers layout; returns its path.
 
-    Weights are written as safetensors in their current dtype. An existing non-empty
+    ``text_encoder`` is latentkit's `CLIPTextEncoder` (what `load_pipeline` builds) or a
+    transformers ``CLIPTextModel``; either is written in transformers' layout. Weights are
+    written as safetensors in their current dtype. An existing non-empty
     ``folder`` is refused with `InvalidArgumentError` unless ``overwrite=True``, which
     replaces ``model_index.json`` and the component subfolders (`COMPONENTS`) and leaves any
     other file there alone. ``generation_defaults`` (``steps``, ``guidance_scale``) are the
@@ -91,7 +106,15 @@ def save_pipeline(
 
     _save_model(root / "unet", unet.config.to_dict(), unet)
     _save_model(root / "vae", vae.config.to_dict(), vae)
-    text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
+    if isinstance(text_encoder, CLIPTextEncoder):
+        _save_model(
+            root / "text_encoder",
+            text_encoder.config.to_dict(),
+            text_encoder,
+            TEXT_ENCODER_WEIGHTS_NAME,
+        )
+    else:
+        text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
     tokenizer.save_pretrained(str(root / "tokenizer"))
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler_config(scheduler))
     index = model_index(text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
@@ -137,13 +160,16 @@ def check_generation_defaults(defaults: Any) -> dict[str, float]:
     return dict(defaults)
 
 
-def _save_model(folder: Path, config: dict[str, Any], module: torch.nn.Module) -> None:
+def _save_model(
+    folder: Path, config: dict[str, Any], module: torch.nn.Module, weights: str = WEIGHTS_NAME
+) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "config.json", config)
     state = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    # transformers 4 refuses safetensors files without the "format" metadata.
+    save_file(state, str(folder / weights), metadata={"format": "pt"})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

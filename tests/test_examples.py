@@ -91,6 +91,10 @@ def test_training_script_writes_a_loadable_model(tmp_path: Path) -> None:
         "2",
         "--vae-batch",
         "4",
+        "--clip-steps",
+        "2",
+        "--clip-batch",
+        "8",
         "--unet-steps",
         "2",
         "--unet-batch",
@@ -105,3 +109,5 @@ def test_training_script_writes_a_loadable_model(tmp_path: Path) -> None:
     pipe = latentkit.load_pipeline(out, device="cpu", progress=False)
     image = pipe.generate("a red circle", steps=2, seed=0, progress=False).images[0]
     assert image.size == (64, 64)
+    assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+    assert "clip step 2/2" in proc.stdout

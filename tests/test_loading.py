@@ -13,6 +13,7 @@ import torch
 
 import latentkit
 from latentkit.loading import select_files
+from latentkit.models.text_encoder import CLIPTextEncoder
 
 # The file listing of stable-diffusion-v1-5/stable-diffusion-v1-5 on the Hub.
 SD15_FILES = [
@@ -299,8 +300,9 @@ def test_weights_are_not_randomly_initialised_first(
         spy_on(name)
     pipe = latentkit.load_pipeline(sd1_path, progress=False)
     assert calls == []
-    assert not any(p.is_meta for p in pipe.unet.parameters())
-    assert not any(p.is_meta for p in pipe.vae.parameters())
+    assert isinstance(pipe.text.text_encoder, CLIPTextEncoder)
+    for module in (pipe.unet, pipe.vae, pipe.text.text_encoder):
+        assert not any(p.is_meta for p in module.parameters())
 
 
 def test_cli_offline_from_cache_in_a_fresh_process(sd1_path: Path, tmp_path: Path) -> None:

@@ -159,3 +159,22 @@ def test_scene_validates_its_shapes() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(shapes).failed == 0
+
+
+def test_mirrored_wording_describes_the_same_scene() -> None:
+    from latentkit.evaluation import evaluate
+
+    assert shapes.mirrored("a red circle") is None
+    twos = shapes.all_captions(two_shapes=True)
+    rng = np.random.default_rng(3)
+    images, texts = [], []
+    for text in twos:
+        other = shapes.mirrored(text)
+        assert other is not None and other != text and other in twos
+        assert shapes.mirrored(other) == text
+        assert shapes.split_of(other) == shapes.split_of(text)  # never leaks across splits
+    for i in rng.choice(len(twos), size=24, replace=False):
+        scene = shapes.sample_scene(rng, prompt=twos[i])
+        images.append(shapes.render(scene))
+        texts.append(shapes.mirrored(twos[i]))
+    assert evaluate(images, texts).overall.adherence == 1.0

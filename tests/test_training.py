@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentkit import schedulers
@@ -20,6 +21,7 @@ from latentkit.training import (
     EMA,
     autoencoder_loss,
     build_word_tokenizer,
+    contrastive_loss,
     denoiser_loss,
     drop_context,
     kl_to_standard_normal,
@@ -407,3 +409,42 @@ def test_min_snr_with_a_huge_gamma_is_the_plain_epsilon_loss() -> None:
     assert weighted.item() == pytest.approx(plain.item(), rel=1e-5)
     with pytest.raises(InvalidArgumentError, match="snr_gamma"):
         denoiser_loss(half, scheduler, x0, torch.zeros(32, 1, 1), snr_gamma=0.0)
+
+
+# ---------------------------------------------------------------- contrastive (CLIP)
+
+
+def test_contrastive_loss_with_one_positive_is_clips_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    logits = 5.0 * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    expected = F.cross_entropy(logits, torch.arange(6))  # Radford et al. 2021, fig. 3
+    got = contrastive_loss(image, text, torch.eye(6, dtype=torch.bool), logit_scale=5.0)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # only directions count: CLIP compares normalised features
+    scaled = contrastive_loss(
+        3 * image, 0.5 * text, torch.eye(6, dtype=torch.bool), logit_scale=5.0
+    )
+    torch.testing.assert_close(scaled, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_contrastive_loss_shares_probability_among_positives() -> None:
+    g = torch.Generator().manual_seed(1)
+    image, text = torch.randn(2, 4, generator=g), torch.randn(5, 4, generator=g)
+    positives = torch.zeros(2, 5, dtype=torch.bool)
+    positives[0, [1, 3]] = True
+    positives[1, 4] = True
+    p = (2.0 * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T).softmax(dim=1)
+    expected = -(torch.log(p[0, 1] + p[0, 3]) + torch.log(p[1, 4])) / 2
+    got = contrastive_loss(image, text, positives, logit_scale=2.0)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_contrastive_loss_checks_its_inputs() -> None:
+    image, text = torch.randn(2, 4), torch.randn(3, 4)
+    with pytest.raises(InvalidArgumentError, match="positives must be"):
+        contrastive_loss(image, text, torch.ones(3, 2, dtype=torch.bool), logit_scale=1.0)
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    none[0, 0] = True
+    with pytest.raises(InvalidArgumentError, match="at least one positive"):
+        contrastive_loss(image, text, none, logit_scale=1.0)

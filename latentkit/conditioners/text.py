@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -23,6 +23,8 @@ from latentkit.protocols import ConditionTarget, Generators
 
 if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from latentkit.models.text_encoder import CLIPTextEncoder
 
 EMPHASIS = 1.1
 """The factor of one pair of round brackets (and the divisor of square ones), as in A1111."""
@@ -105,7 +107,11 @@ class TextConditioner:
     name: ClassVar[str] = "text"
     target: ClassVar[ConditionTarget] = "cross_attention"
 
-    def __init__(self, *, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> None:
+    def __init__(
+        self, *, tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder | CLIPTextModel
+    ) -> None:
+        """``text_encoder`` is latentkit's `CLIPTextEncoder` (what `load_pipeline` builds) or
+        a transformers ``CLIPTextModel`` (e.g. one being trained)."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
 
@@ -179,8 +185,9 @@ class TextConditioner:
                     f"clip_skip must be an int in [0, {layers - 1}] for this text encoder, got {clip_skip!r}"
                 )
             out = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True)
-            # transformers 5 flattened CLIPTextModel; earlier versions nest it in .text_model.
-            core = getattr(self.text_encoder, "text_model", self.text_encoder)
+            # latentkit's encoder and transformers 4's CLIPTextModel nest the layers in
+            # .text_model (the checkpoints' key prefix); transformers 5's has them at the top.
+            core: Any = getattr(self.text_encoder, "text_model", self.text_encoder)
             hidden = core.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
         hidden = hidden.to(dtype=dtype, device=device)
         weights = tokens.weights.reshape(batch * count, window, 1)

@@ -157,6 +157,26 @@ def parse_caption(text: str) -> Spec:
     return Spec(tuple(parsed), rel)
 
 
+_OPPOSITE: Mapping[Relation, Relation] = {
+    "left of": "right of",
+    "right of": "left of",
+    "above": "below",
+    "below": "above",
+}
+
+
+def mirrored(text: str) -> str | None:
+    """The other wording of the same two-shape scene, ``None`` for a single shape.
+
+    >>> mirrored("a red circle left of a blue square")
+    'a blue square right of a red circle'
+    """
+    spec = parse_caption(text)
+    if spec.relation is None:
+        return None
+    return _caption_of(Spec(spec.objects[::-1], _OPPOSITE[spec.relation]))
+
+
 def _pixel_box(shape: Shape, size: int) -> tuple[int, int, int, int]:
     side = max(3, round(shape.size * size))
     x0 = round(shape.centre[0] * size - side / 2)

@@ -1,4 +1,4 @@
-"""Stable Diffusion's networks, written to load diffusers checkpoints by key with no conversion."""
+"""Stable Diffusion's networks, written to load the published checkpoints by key with no conversion."""
 
 from latentkit.models.autoencoder import (
     AutoencoderKL,
@@ -6,12 +6,16 @@ from latentkit.models.autoencoder import (
     DiagonalGaussian,
     rename_legacy_key,
 )
+from latentkit.models.text_encoder import CLIPTextConfig, CLIPTextEncoder, TextEncoderOutput
 from latentkit.models.unet import UNet2DCondition, UNetConfig
 
 __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
+    "CLIPTextConfig",
+    "CLIPTextEncoder",
     "DiagonalGaussian",
+    "TextEncoderOutput",
     "UNet2DCondition",
     "UNetConfig",
     "rename_legacy_key",

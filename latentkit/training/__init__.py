@@ -2,6 +2,7 @@
 
 - `autoencoder_loss` / `train_autoencoder`: the KL autoencoder (Rombach et al. 2022, sec. 3.1);
 - `denoiser_loss` / `train_denoiser`: the UNet (Ho et al. 2020, eq. 14, any prediction type);
+- `contrastive_loss`: CLIP's objective, to pretrain a text encoder (Radford et al. 2021);
 - `drop_context`: prompt dropout for classifier-free guidance (Ho & Salimans 2022);
 - `EMA`: the averaged weights to ship;
 - `build_word_tokenizer`: a CLIP tokenizer for a small caption vocabulary.
@@ -25,6 +26,7 @@ from latentkit.training.losses import (
     Reconstruction,
     TrainingSchedule,
     autoencoder_loss,
+    contrastive_loss,
     denoiser_loss,
     drop_context,
     kl_to_standard_normal,
@@ -41,6 +43,7 @@ __all__ = [
     "TrainingSchedule",
     "autoencoder_loss",
     "build_word_tokenizer",
+    "contrastive_loss",
     "denoiser_loss",
     "drop_context",
     "forever",

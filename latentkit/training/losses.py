@@ -153,6 +153,38 @@ def denoiser_loss(
     return (weight.float() * error).mean()
 
 
+def contrastive_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    positives: Tensor,
+    *,
+    logit_scale: Tensor | float,
+) -> Tensor:
+    """CLIP's contrastive objective (Radford et al. 2021, fig. 3) from the image side, where
+    an image may have several right captions.
+
+    Both feature sets are L2-normalised; ``logits = logit_scale * I @ T^T``. For image ``i``
+    with right captions ``P_i`` (``positives[i]``, a (B, N) boolean matrix) the loss is
+    ``-log sum_{j in P_i} softmax(logits_i)_j``: the captions that describe the image
+    share the probability, the rest are negatives. With one positive per row and the captions
+    of the batch as ``text_features`` this is CLIP's image-to-text cross-entropy.
+    """
+    if image_features.ndim != 2 or text_features.ndim != 2:
+        raise InvalidArgumentError("image_features and text_features must be (B, D) and (N, D)")
+    if positives.shape != (image_features.shape[0], text_features.shape[0]):
+        raise InvalidArgumentError(
+            f"positives must be (B, N) = {(image_features.shape[0], text_features.shape[0])}, "
+            f"got {tuple(positives.shape)}"
+        )
+    if not bool(positives.any(dim=1).all()):
+        raise InvalidArgumentError("every image needs at least one positive caption")
+    image = F.normalize(image_features.float(), dim=-1)
+    text = F.normalize(text_features.float(), dim=-1)
+    logits = logit_scale * image @ text.T
+    right = logits.masked_fill(~positives, float("-inf")).logsumexp(dim=1)
+    return (logits.logsumexp(dim=1) - right).mean()
+
+
 def drop_context(
     context: Tensor,
     empty: Tensor,
