@@ -86,7 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         help="matmuls and convolutions in this precision (bf16: fast CPU mode)",
     )
     speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
-    speed.add_argument("--fuse-qkv", action="store_true", help="fused attention projections")
+    speed.add_argument(
+        "--fuse-qkv",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused attention projections (default: on CUDA only)",
+    )
     speed.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
     speed.add_argument(
         "--attention-slice",

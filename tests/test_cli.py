@@ -251,7 +251,7 @@ def test_speed_flags_reach_the_pipeline(
         p.attention,
         p.attention_slice_size,
         p.vae_tiling,
-    ) == ("bf16", True, True, "math", 2, True)
+    ) == ("bf16", True, True, "math", 2, True)  # --fuse-qkv given
     assert Image.open(out).size == (32, 32)
 
 

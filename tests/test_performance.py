@@ -166,11 +166,23 @@ def test_attend_backends_and_slices_agree(backend: str, slice_size: int | None) 
         ({"autocast": "int8"}, "autocast must be"),
         ({"cuda_graphs": True, "cpu_offload": True}, "exclude each other"),
         ({"compile": "yes"}, "compile must be True or False"),
+        ({"fuse_qkv": "auto"}, "fuse_qkv must be True, False or None"),
     ],
 )
 def test_bad_options_are_typed_errors(options: dict[str, Any], message: str) -> None:
     with pytest.raises(latentkit.InvalidArgumentError, match=message):
         Performance(**options)
+
+
+@pytest.mark.parametrize(("fuse_qkv", "fused"), [(None, False), (True, True), (False, False)])
+def test_projections_are_fused_on_cuda_only_unless_asked(
+    sd1_path: Path, fuse_qkv: bool | None, fused: bool
+) -> None:
+    from latentkit.models.layers import Attention
+
+    pipe = load(sd1_path, fuse_qkv=fuse_qkv)  # a CPU pipeline: the default does not fuse
+    layers = [m for m in pipe.unet.modules() if isinstance(m, Attention)]
+    assert layers and all((m.to_qkv is not None or m.to_kv is not None) == fused for m in layers)
 
 
 @pytest.mark.parametrize(
