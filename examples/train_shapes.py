@@ -53,6 +53,7 @@ from latentkit.training import (
     contrastive_loss,
     denoiser_loss,
     drop_context,
+    forever,
     train_autoencoder,
 )
 
@@ -353,14 +354,10 @@ def main() -> None:
         vocab_ids = token_ids(tokenizer, vocab).to(device)
         clip_batches = Batches(latents, caption_index, batch=args.clip_batch, seed=args.seed + 9)
         t0 = time.perf_counter()
-        data = iter(())
+        data = forever(clip_batches)
         with tqdm(total=args.clip_steps, desc="training text encoder (CLIP)") as bar:
             for step in range(1, args.clip_steps + 1):
-                try:
-                    z, which = next(data)
-                except StopIteration:
-                    data = iter(clip_batches)
-                    z, which = next(data)
+                z, which = next(data)
                 for group in clip_optimizer.param_groups:
                     group["lr"] = args.clip_lr * min(1.0, step / args.warmup)
                 text_features = text_head(text_encoder(vocab_ids).pooler_output)
@@ -419,14 +416,10 @@ def main() -> None:
     generator = torch.Generator(device).manual_seed(args.seed + 7)
 
     t0 = time.perf_counter()
-    running, data = [], iter(())
+    running, data = [], forever(batches)
     with tqdm(total=args.unet_steps, desc="training unet") as bar:
         for step in range(1, args.unet_steps + 1):
-            try:
-                x0, which = next(data)
-            except StopIteration:
-                data = iter(batches)
-                x0, which = next(data)
+            x0, which = next(data)
             x0 = x0.to(device)
             context = drop_context(
                 table[which.to(device)], empty, p_uncond=args.p_uncond, generator=generator
