@@ -243,9 +243,6 @@ def main() -> None:
     def stamp() -> str:
         return f"[{(time.perf_counter() - started) / 60:5.1f} min]"
 
-    images, captions = render_images(args.images, args.seed)
-    print(f"{stamp()} rendered {len(captions)} images", flush=True)
-
     if args.resume is not None and args.vae_from is not None:
         parser.error("--resume already keeps the saved autoencoder; give one of the two")
     resumed = None
@@ -255,6 +252,15 @@ def main() -> None:
         resumed = load_pipeline(
             args.resume or args.vae_from, device=device, dtype="fp32", progress=False
         )
+        saved_target = resumed.scheduler_config.get("prediction_type", "epsilon")
+        if args.resume is not None and saved_target != args.prediction_type:
+            parser.error(
+                f"{args.resume} predicts {saved_target!r}; resume it with "
+                f"--prediction-type {saved_target}"
+            )
+
+    images, captions = render_images(args.images, args.seed)
+    print(f"{stamp()} rendered {len(captions)} images", flush=True)
 
     # ------------------------------------------------------------ 1. autoencoder
     torch.manual_seed(args.seed + 1)

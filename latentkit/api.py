@@ -42,7 +42,7 @@ def load_pipeline(
     ``revision`` pinning work as in huggingface_hub. Pickle weights are refused unless
     ``allow_pickle=True``. ``performance`` picks how the networks run (fused attention,
     channels-last, bf16 autocast, compilation, tiling, offloading; see
-    `latentkit.Performance`); the default is the eager path with fused q/k/v projections.
+    `latentkit.Performance`); the default is the eager path (q/k/v projections fused on CUDA only).
 
     Example:
         >>> pipe = latentkit.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP

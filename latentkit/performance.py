@@ -183,9 +183,9 @@ class Runtime:
                 )
             else:
                 # Inductor's freezing treats the weights as constants: it folds them and
-                # pre-packs convolution and GEMM weights for oneDNN once, instead of
-                # reordering them on every call (measured 0.72x the eager step time for
-                # SD 1.5's UNet on a 2-core CPU). Weights must not change after compiling.
+                # pre-packs convolution and GEMM weights once. Weights must not change after
+                # compiling. (On the 2-core CPU of docs/performance.md the compiled UNet was
+                # still slower than eager, with or without freezing.)
                 options: dict[str, Any] | None = (
                     {"freezing": True} if p.compile_backend == "inductor" else None
                 )

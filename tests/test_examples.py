@@ -111,3 +111,16 @@ def test_training_script_writes_a_loadable_model(tmp_path: Path) -> None:
     assert image.size == (64, 64)
     assert pipe.scheduler_config["prediction_type"] == "v_prediction"
     assert "clip step 2/2" in proc.stdout
+
+
+def test_train_shapes_refuses_to_resume_with_another_target(tmp_path: Path) -> None:
+    from latentkit.loading import builtin_model
+
+    shipped = builtin_model("latentkit/shapes")
+    if shipped is None:
+        pytest.skip("the built-in shapes model is not in this checkout")
+    cmd = [sys.executable, "examples/train_shapes.py", "--output", str(tmp_path / "out")]
+    cmd += ["--resume", str(shipped), "--prediction-type", "epsilon", "--images", "4"]
+    proc = run(cmd)
+    assert proc.returncode == 2 and "--prediction-type v_prediction" in proc.stderr
+    assert not (tmp_path / "out").exists()
