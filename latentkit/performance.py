@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError
-from latentkit.models.layers import ATTENTION_BACKENDS, Attention
+from latentkit.models.layers import ATTENTION_BACKENDS, Attention, Conv2d
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import Tiling
@@ -59,6 +59,12 @@ class Performance:
     ``None`` (default): on CUDA, where one kernel launch beats three; not on a CPU, where the
     step time measured the same (SD 1.5, fp32 and bf16) and fusing copies those weights out
     of the memory-mapped files while loading (about 1 s for SD 1.5)."""
+    conv_gemm: bool | None = None
+    """Convolve feature maps of at most 8x8 pixels as one GEMM over unfolded patches
+    (im2col) instead of the backend's direct kernel. ``None`` (default): on a CPU, where
+    oneDNN's direct kernel is slow for these few-pixel, 1280-channel maps (SD 1.5 at 256x256,
+    fp32 and bf16: about 15 % off each step, docs/performance.md); not on CUDA. Equal to the
+    direct kernel up to float rounding."""
     autocast: str | torch.dtype | None = None
     """``"bf16"`` / ``"fp16"``: run matmuls and convolutions in that precision under
     `torch.autocast`, keeping the weights and the sampler's arithmetic in the loaded dtype.
@@ -101,8 +107,9 @@ class Performance:
         for name in ("channels_last", "compile", "cuda_graphs", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True or False")
-        if self.fuse_qkv is not None and not isinstance(self.fuse_qkv, bool):
-            raise InvalidArgumentError("fuse_qkv must be True, False or None (automatic)")
+        for name in ("fuse_qkv", "conv_gemm"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(f"{name} must be True, False or None (automatic)")
 
     def tiling(self) -> Tiling | None:
         """The autoencoder tiling to use, or None."""
@@ -164,8 +171,11 @@ class Runtime:
         """Apply the module-level options to ``unet`` and the other networks, in place."""
         p = self.performance
         fuse = self.device.type == "cuda" if p.fuse_qkv is None else p.fuse_qkv
+        gemm = self.device.type == "cpu" if p.conv_gemm is None else p.conv_gemm
         for module in (unet, *others):
             for layer in module.modules():
+                if isinstance(layer, Conv2d):
+                    layer.gemm = gemm
                 if isinstance(layer, Attention):
                     layer.backend = p.attention
                     layer.slice_size = p.attention_slice_size

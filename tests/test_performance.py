@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import latentkit
-from latentkit.models.layers import Attention, attend
+from latentkit.models.layers import Attention, attend, conv2d_gemm
 from latentkit.performance import Performance
 
 SIZE = 32
@@ -48,7 +50,9 @@ def plain(sd1_path: Path) -> np.ndarray:
         {"attention_slice_size": 1},
         {"attention": "math", "attention_slice_size": 3},
         {"fuse_qkv": False},
+        {"conv_gemm": False},
         {"channels_last": True},
+        {"channels_last": True, "conv_gemm": False},
         {"channels_last": True, "fuse_qkv": False, "attention": "math"},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
@@ -167,6 +171,7 @@ def test_attend_backends_and_slices_agree(backend: str, slice_size: int | None) 
         ({"cuda_graphs": True, "cpu_offload": True}, "exclude each other"),
         ({"compile": "yes"}, "compile must be True or False"),
         ({"fuse_qkv": "auto"}, "fuse_qkv must be True, False or None"),
+        ({"conv_gemm": 1}, "conv_gemm must be True, False or None"),
     ],
 )
 def test_bad_options_are_typed_errors(options: dict[str, Any], message: str) -> None:
@@ -183,6 +188,17 @@ def test_projections_are_fused_on_cuda_only_unless_asked(
     pipe = load(sd1_path, fuse_qkv=fuse_qkv)  # a CPU pipeline: the default does not fuse
     layers = [m for m in pipe.unet.modules() if isinstance(m, Attention)]
     assert layers and all((m.to_qkv is not None or m.to_kv is not None) == fused for m in layers)
+
+
+@pytest.mark.parametrize(("conv_gemm", "on"), [(None, True), (True, True), (False, False)])
+def test_small_convolutions_are_gemms_on_cpu_unless_asked(
+    sd1_path: Path, conv_gemm: bool | None, on: bool
+) -> None:
+    from latentkit.models.layers import Conv2d
+
+    pipe = load(sd1_path, conv_gemm=conv_gemm)  # a CPU pipeline: the default is on
+    layers = [m for net in (pipe.unet, pipe.vae) for m in net.modules() if isinstance(m, Conv2d)]
+    assert layers and all(m.gemm == on for m in layers)
 
 
 @pytest.mark.parametrize(
@@ -238,3 +254,66 @@ def test_cuda_options_match_the_plain_cuda_path(sd1_path: Path, options: dict[st
         return images(pipe)
 
     assert np.abs(run(**options) - run()).max() <= REORDER_TOL
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 9),
+    out=st.integers(1, 7),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+    kernel_padding=st.sampled_from([(1, 0), (3, 1), (3, 0), (5, 2), (1, 1)]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv2d_gemm_is_the_convolution(
+    batch: int,
+    channels: int,
+    out: int,
+    size: tuple[int, int],
+    kernel_padding: tuple[int, int],
+    bias: bool,
+    seed: int,
+) -> None:
+    kernel, padding = kernel_padding
+    h, w = size
+    if h + 2 * padding < kernel or w + 2 * padding < kernel:
+        return  # no output pixel: torch refuses these too
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(out, channels, kernel, kernel, generator=g, dtype=torch.float64)
+    b = torch.randn(out, generator=g, dtype=torch.float64) if bias else None
+    got = conv2d_gemm(x, weight, b, padding=padding)
+    want = torch.nn.functional.conv2d(x, weight, b, padding=padding)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # float64: rounding only
+
+
+def test_conv2d_uses_the_gemm_only_for_small_stride_1_maps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from latentkit.models import layers
+
+    calls: list[tuple[int, ...]] = []
+
+    def spy(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return conv2d_gemm(x, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "conv2d_gemm", spy)
+    torch.manual_seed(0)
+    conv = layers.Conv2d(4, 6, kernel_size=3, padding=1)
+    down = layers.Conv2d(4, 6, kernel_size=3, stride=2, padding=1)
+    small, large = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 9, 8)  # 64 and 72 pixels
+    direct = {
+        id(x): torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+        for x in (small, large)
+    }
+    with torch.no_grad():
+        assert torch.equal(conv(small), direct[id(small)])  # gemm is off by default
+        conv.gemm = down.gemm = True
+        torch.testing.assert_close(conv(small), direct[id(small)], rtol=1e-5, atol=1e-5)
+        assert torch.equal(conv(large), direct[id(large)])
+        down(small)
+    assert calls == [(2, 4, 8, 8)]
+    assert layers.GEMM_CONV_MAX_PIXELS == 64

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError, UnsupportedModelError
 from latentkit.models.layers import (
+    Conv2d,
     DownBlock,
     Downsample,
     MidBlock,
@@ -288,7 +289,7 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig) -> None:
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock(
                 [
@@ -302,9 +303,7 @@ class Encoder(nn.Module):
         )
         self.mid_block = _mid_block(config)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_VAE_EPS)
-        self.conv_out = nn.Conv2d(
-            channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1
-        )
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)
@@ -321,7 +320,7 @@ class Decoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig) -> None:
         super().__init__()
         channels, groups = config.block_out_channels[::-1], config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
         self.mid_block = _mid_block(config)
         self.up_blocks = nn.ModuleList(
             DecoderBlock(
@@ -334,7 +333,7 @@ class Decoder(nn.Module):
             for i, c in enumerate(channels)
         )
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_VAE_EPS)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -362,10 +361,8 @@ class AutoencoderKL(nn.Module):
         c = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, kernel_size=1) if config.use_quant_conv else None
-        self.post_quant_conv = (
-            nn.Conv2d(c, c, kernel_size=1) if config.use_post_quant_conv else None
-        )
+        self.quant_conv = Conv2d(2 * c, 2 * c, kernel_size=1) if config.use_quant_conv else None
+        self.post_quant_conv = Conv2d(c, c, kernel_size=1) if config.use_post_quant_conv else None
 
     def posterior(self, images: Tensor, *, tiling: Tiling | None = None) -> DiagonalGaussian:
         """The posterior ``q(z | x)`` for ``images`` (B, 3, H, W) in [-1, 1], before scaling.

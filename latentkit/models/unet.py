@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError, UnsupportedModelError
 from latentkit.models.layers import (
+    Conv2d,
     DownBlock,
     Downsample,
     MidBlock,
@@ -289,7 +290,7 @@ class UNet2DCondition(nn.Module):
                 linear_projection=config.use_linear_projection,
             )
 
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
 
         self.down_blocks = nn.ModuleList()
@@ -338,7 +339,7 @@ class UNet2DCondition(nn.Module):
             )
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
 
     def forward(
         self,
