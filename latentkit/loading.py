@@ -305,18 +305,22 @@ def _resolve_hub(
 
 
 @contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """Turn huggingface_hub's and transformers' own progress bars off while loading, if asked."""
+def progress_bars(enabled: bool, *, transformers: bool = False) -> Iterator[None]:
+    """Turn huggingface_hub's own progress bars off while loading, if asked, and
+    transformers' too when ``transformers`` (only then is transformers imported)."""
     if enabled:
         yield
         return
     from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as tf_logging
 
     hub_was_on = not hub_utils.are_progress_bars_disabled()
-    tf_was_on = tf_logging.is_progress_bar_enabled()
     hub_utils.disable_progress_bars()
-    tf_logging.disable_progress_bar()
+    tf_was_on = False
+    if transformers:
+        from transformers.utils import logging as tf_logging
+
+        tf_was_on = tf_logging.is_progress_bar_enabled()
+        tf_logging.disable_progress_bar()
     try:
         yield
     finally:

@@ -38,6 +38,7 @@ from latentkit.results import (
     to_output,
 )
 from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
+from latentkit.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import AutoencoderKL
@@ -122,7 +123,6 @@ class StableDiffusion:
     ) -> StableDiffusion:
         """Build the pipeline from resolved model files (see `latentkit.load_pipeline`)."""
         from tqdm.auto import tqdm
-        from transformers import CLIPTokenizer
 
         from latentkit.models.autoencoder import (
             AutoencoderKL,
@@ -165,7 +165,9 @@ class StableDiffusion:
         text_config = CLIPTextConfig.from_dict(files.config("text_encoder"))
 
         bar = tqdm(total=4, desc=f"loading {files.name}", disable=not progress, leave=False)
-        with bar, progress_bars(progress):
+        # transformers is imported only for a depth model's estimator.
+        depth_model = "depth_estimator" in files.weights
+        with bar, progress_bars(progress, transformers=depth_model):
             with torch.device("meta"):
                 # Built on the meta device: no memory, no random init; the weights are assigned.
                 unet = UNet2DCondition(unet_config)
@@ -185,12 +187,12 @@ class StableDiffusion:
             )
             load_into(text_encoder, renamed, name="text_encoder")
             bar.update()
-            tokenizer = CLIPTokenizer.from_pretrained(
-                str(files.root / "tokenizer"), local_files_only=True
-            )
+            # latentkit's own CLIP tokenizer: the same ids as transformers', without
+            # importing transformers (most of a small model's load time).
+            tokenizer = CLIPTokenizer.from_pretrained(files.root / "tokenizer")
             bar.update()
             depth = None
-            if "depth_estimator" in files.weights:
+            if depth_model:
                 depth = _load_depth_estimator(files, home, dt)
             runtime.prepare(unet, vae)
         return cls(

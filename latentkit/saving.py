@@ -3,7 +3,8 @@
 The folder is what ``StableDiffusionPipeline.save_pretrained`` writes: ``model_index.json``;
 ``unet/`` and ``vae/`` with ``config.json`` and ``diffusion_pytorch_model.safetensors``;
 ``text_encoder/`` with the ``config.json`` and ``model.safetensors`` of a transformers
-``CLIPTextModel``; ``tokenizer/`` written by transformers' ``save_pretrained``; and
+``CLIPTextModel``; ``tokenizer/`` written by the tokenizer's ``save_pretrained`` (latentkit's
+`CLIPTokenizer` writes the Hub's ``vocab.json`` / ``merges.txt`` layout); and
 ``scheduler/scheduler_config.json``. latentkit and diffusers both load it.
 """
 
@@ -22,9 +23,11 @@ from latentkit.models.autoencoder import AutoencoderKL
 from latentkit.models.text_encoder import CLIPTextEncoder
 from latentkit.models.unet import UNet2DCondition
 from latentkit.protocols import Scheduler
+from latentkit.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import transformers
+    from transformers import CLIPTextModel
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """The subfolders `save_pipeline` writes (and, with ``overwrite=True``, replaces)."""
@@ -37,12 +40,13 @@ TEXT_ENCODER_WEIGHTS_NAME = "model.safetensors"
 def model_index(
     *,
     text_encoder: CLIPTextEncoder | CLIPTextModel,
-    tokenizer: CLIPTokenizer,
+    tokenizer: CLIPTokenizer | transformers.CLIPTokenizer,
     scheduler: Scheduler,
 ) -> dict[str, Any]:
     """The ``model_index.json`` of a text-to-image pipeline: each component's library and
-    class, and no safety checker or feature extractor. latentkit's `CLIPTextEncoder` is
-    listed as the transformers class that reads its files, ``CLIPTextModel``."""
+    class, and no safety checker or feature extractor. latentkit's `CLIPTextEncoder` and
+    `CLIPTokenizer` are listed as the transformers classes that read their files,
+    ``CLIPTextModel`` and ``CLIPTokenizer``."""
     text_class = (
         "CLIPTextModel"
         if isinstance(text_encoder, CLIPTextEncoder)
@@ -55,7 +59,10 @@ def model_index(
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler.to_config()["_class_name"]],
         "text_encoder": ["transformers", text_class],
-        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "tokenizer": [
+            "transformers",
+            "CLIPTokenizer" if isinstance(tokenizer, CLIPTokenizer) else type(tokenizer).__name__,
+        ],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
@@ -67,7 +74,7 @@ def save_pipeline(
     unet: UNet2DCondition,
     vae: AutoencoderKL,
     text_encoder: CLIPTextEncoder | CLIPTextModel,
-    tokenizer: CLIPTokenizer,
+    tokenizer: CLIPTokenizer | transformers.CLIPTokenizer,
     scheduler: Scheduler,
     overwrite: bool = False,
     generation_defaults: dict[str, float] | None = None,
@@ -75,7 +82,8 @@ def save_pipeline(
     """Write a Stable Diffusion pipeline to ``folder`` in the diffusers layout; returns its path.
 
     ``text_encoder`` is latentkit's `CLIPTextEncoder` (what `load_pipeline` builds) or a
-    transformers ``CLIPTextModel``; either is written in transformers' layout. Weights are
+    transformers ``CLIPTextModel``; either is written in transformers' layout. ``tokenizer``
+    is latentkit's `CLIPTokenizer` or transformers'. Weights are
     written as safetensors in their current dtype. An existing non-empty
     ``folder`` is refused with `InvalidArgumentError` unless ``overwrite=True``, which
     replaces ``model_index.json`` and the component subfolders (`COMPONENTS`) and leaves any

@@ -316,6 +316,8 @@ def test_saved_encoder_loads_in_transformers_and_diffusers(sd1_path: Path, tmp_p
     )
     index = json.loads((saved / "model_index.json").read_text())
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    # latentkit's tokenizer is listed as the transformers class diffusers reads it with.
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
     assert sorted(p.name for p in (saved / "text_encoder").iterdir()) == [
         "config.json",
         "model.safetensors",
@@ -344,7 +346,8 @@ def test_saved_encoder_loads_in_transformers_and_diffusers(sd1_path: Path, tmp_p
 
 
 def test_loading_imports_no_transformers_model_code(sd1_path: Path) -> None:
-    """The point of our own encoder: transformers is imported for the tokenizer only."""
+    """The point of our own encoder: transformers' model code is not imported (with
+    latentkit's own tokenizer, transformers is not imported at all: test_tokenizer.py)."""
     code = (
         "import sys, latentkit\n"
         f"latentkit.load_pipeline({str(sd1_path)!r}, device='cpu', progress=False)\n"

@@ -22,9 +22,11 @@ from latentkit.errors import InvalidArgumentError
 from latentkit.protocols import ConditionTarget, Generators
 
 if TYPE_CHECKING:
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import transformers
+    from transformers import CLIPTextModel
 
     from latentkit.models.text_encoder import CLIPTextEncoder
+    from latentkit.tokenizer import CLIPTokenizer
 
 EMPHASIS = 1.1
 """The factor of one pair of round brackets (and the divisor of square ones), as in A1111."""
@@ -108,10 +110,15 @@ class TextConditioner:
     target: ClassVar[ConditionTarget] = "cross_attention"
 
     def __init__(
-        self, *, tokenizer: CLIPTokenizer, text_encoder: CLIPTextEncoder | CLIPTextModel
+        self,
+        *,
+        tokenizer: CLIPTokenizer | transformers.CLIPTokenizer,
+        text_encoder: CLIPTextEncoder | CLIPTextModel,
     ) -> None:
-        """``text_encoder`` is latentkit's `CLIPTextEncoder` (what `load_pipeline` builds) or
-        a transformers ``CLIPTextModel`` (e.g. one being trained)."""
+        """``tokenizer`` is latentkit's `CLIPTokenizer` (what `load_pipeline` builds) or
+        transformers' (e.g. from `latentkit.training.build_word_tokenizer`); ``text_encoder``
+        is latentkit's `CLIPTextEncoder` or a transformers ``CLIPTextModel`` (e.g. one
+        being trained)."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
 

@@ -8,53 +8,14 @@ which each given word is one token and any other text falls back to byte tokens.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
-from functools import cache
 from typing import TYPE_CHECKING
 
 from latentkit.errors import InvalidArgumentError
+from latentkit.tokenizer import BOS, END_OF_WORD, EOS, _bpe, byte_alphabet
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
-
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-END_OF_WORD = "</w>"
-
-
-@cache
-def byte_alphabet() -> tuple[str, ...]:
-    """The 256 characters byte-level BPE writes bytes as, in CLIP's vocabulary order:
-    printable bytes stand for themselves, the others for code points from 256 up
-    (Radford et al. 2019, sec. 2.2; ``bytes_to_unicode`` in OpenAI's CLIP)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    others = [b for b in range(256) if b not in printable]
-    return tuple(chr(b) for b in printable) + tuple(chr(256 + i) for i in range(len(others)))
-
-
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    # CLIP's BPE on one word: repeatedly merge every occurrence of the lowest-ranked pair.
-    while len(symbols) > 1:
-        pairs = set(itertools.pairwise(symbols))
-        best = min(pairs, key=lambda p: ranks.get(p, len(ranks)))
-        if best not in ranks:
-            break
-        merged: list[str] = []
-        i = 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
 
 
 def build_word_tokenizer(
