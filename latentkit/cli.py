@@ -85,7 +85,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="matmuls and convolutions in this precision (bf16: fast CPU mode)",
     )
-    speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout")
+    speed.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC memory layout for every network (default: the autoencoder on a CPU)",
+    )
+    speed.add_argument(
+        "--conv-gemm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="convolve maps of at most 8x8 pixels as one GEMM (default: on a CPU)",
+    )
     speed.add_argument(
         "--fuse-qkv",
         action=argparse.BooleanOptionalAction,
@@ -203,6 +214,7 @@ def _generate(args: argparse.Namespace) -> int:
         autocast=args.autocast,
         channels_last=args.channels_last,
         fuse_qkv=args.fuse_qkv,
+        conv_gemm=args.conv_gemm,
         attention=args.attention,
         attention_slice_size=args.attention_slice,
         compile=args.compile,

@@ -223,6 +223,7 @@ def test_speed_flags_reach_the_pipeline(
         "bf16",
         "--channels-last",
         "--fuse-qkv",
+        "--no-conv-gemm",
         "--attention",
         "math",
         "--attention-slice",
@@ -248,10 +249,11 @@ def test_speed_flags_reach_the_pipeline(
         p.autocast,
         p.channels_last,
         p.fuse_qkv,
+        p.conv_gemm,
         p.attention,
         p.attention_slice_size,
         p.vae_tiling,
-    ) == ("bf16", True, True, "math", 2, True)  # --fuse-qkv given
+    ) == ("bf16", True, True, False, "math", 2, True)  # --fuse-qkv given
     assert Image.open(out).size == (32, 32)
 
 

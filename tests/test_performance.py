@@ -51,6 +51,7 @@ def plain(sd1_path: Path) -> np.ndarray:
         {"attention": "math", "attention_slice_size": 3},
         {"fuse_qkv": False},
         {"conv_gemm": False},
+        {"channels_last": False},
         {"channels_last": True},
         {"channels_last": True, "conv_gemm": False},
         {"channels_last": True, "fuse_qkv": False, "attention": "math"},
@@ -172,6 +173,7 @@ def test_attend_backends_and_slices_agree(backend: str, slice_size: int | None) 
         ({"compile": "yes"}, "compile must be True or False"),
         ({"fuse_qkv": "auto"}, "fuse_qkv must be True, False or None"),
         ({"conv_gemm": 1}, "conv_gemm must be True, False or None"),
+        ({"channels_last": "yes"}, "channels_last must be True, False or None"),
     ],
 )
 def test_bad_options_are_typed_errors(options: dict[str, Any], message: str) -> None:
@@ -199,6 +201,29 @@ def test_small_convolutions_are_gemms_on_cpu_unless_asked(
     pipe = load(sd1_path, conv_gemm=conv_gemm)  # a CPU pipeline: the default is on
     layers = [m for net in (pipe.unet, pipe.vae) for m in net.modules() if isinstance(m, Conv2d)]
     assert layers and all(m.gemm == on for m in layers)
+
+
+@pytest.mark.parametrize(
+    ("channels_last", "unet_nhwc", "vae_nhwc"),
+    [(None, False, True), (True, True, True), (False, False, False)],
+)
+def test_channels_last_is_the_cpu_autoencoders_layout_unless_asked(
+    sd1_path: Path, channels_last: bool | None, unet_nhwc: bool, vae_nhwc: bool
+) -> None:
+    pipe = load(sd1_path, channels_last=channels_last)  # a CPU pipeline
+
+    def nhwc(net: torch.nn.Module) -> bool:
+        # 3x3 kernels: a 1x1 kernel is contiguous in both layouts
+        weights = [
+            m.weight
+            for m in net.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+        ]
+        layouts = {w.is_contiguous(memory_format=torch.channels_last) for w in weights}
+        assert len(layouts) == 1
+        return layouts.pop()
+
+    assert (nhwc(pipe.unet), nhwc(pipe.vae)) == (unet_nhwc, vae_nhwc)
 
 
 @pytest.mark.parametrize(
