@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         help="convolve maps of at most 8x8 pixels as one GEMM (default: on a CPU)",
     )
     speed.add_argument(
+        "--upsample-phases",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="upsample-then-convolve as four small convolutions (default: on a CPU)",
+    )
+    speed.add_argument(
         "--fuse-qkv",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -215,6 +221,7 @@ def _generate(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         fuse_qkv=args.fuse_qkv,
         conv_gemm=args.conv_gemm,
+        upsample_phases=args.upsample_phases,
         attention=args.attention,
         attention_slice_size=args.attention_slice,
         compile=args.compile,

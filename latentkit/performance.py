@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError
-from latentkit.models.layers import ATTENTION_BACKENDS, Attention, Conv2d
+from latentkit.models.layers import ATTENTION_BACKENDS, Attention, Conv2d, Upsample
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import Tiling
@@ -37,8 +37,9 @@ _AUTOCAST_DTYPES = {
 class Performance:
     """Speed and memory options of a loaded pipeline.
 
-    The defaults are the eager path with three per-device choices (fused attention
-    projections on CUDA; GEMM convolutions of small maps and an NHWC autoencoder on a CPU);
+    The defaults are the eager path with per-device choices (fused attention projections on
+    CUDA; on a CPU, GEMM convolutions of small maps, upsampling by phases and an NHWC
+    autoencoder);
     its images equal diffusers' up to float rounding (0.0 apart with those choices off).
 
     Example:
@@ -68,6 +69,11 @@ class Performance:
     oneDNN's direct kernel is slow for these few-pixel, 1280-channel maps (SD 1.5 at 256x256,
     fp32 and bf16: about 15 % off each step, docs/performance.md); not on CUDA. Equal to the
     direct kernel up to float rounding."""
+    upsample_phases: bool | None = None
+    """Compute each nearest-2x upsampling followed by its 3x3 convolution (the UNet's and the
+    decoder's upsamplers) as four 2x2 convolutions on the small map, one per output phase:
+    16 instead of 36 multiply-adds per source pixel and channel pair. ``None`` (default): on a
+    CPU; not on CUDA (unmeasured). Equal to upsample-then-convolve up to float rounding."""
     autocast: str | torch.dtype | None = None
     """``"bf16"`` / ``"fp16"``: run matmuls and convolutions in that precision under
     `torch.autocast`, keeping the weights and the sampler's arithmetic in the loaded dtype.
@@ -110,7 +116,7 @@ class Performance:
         for name in ("compile", "cuda_graphs", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True or False")
-        for name in ("channels_last", "fuse_qkv", "conv_gemm"):
+        for name in ("channels_last", "fuse_qkv", "conv_gemm", "upsample_phases"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True, False or None (automatic)")
 
@@ -181,10 +187,13 @@ class Runtime:
         p = self.performance
         fuse = self.device.type == "cuda" if p.fuse_qkv is None else p.fuse_qkv
         gemm = self.device.type == "cpu" if p.conv_gemm is None else p.conv_gemm
+        phases = self.device.type == "cpu" if p.upsample_phases is None else p.upsample_phases
         for name, module in (("unet", unet), ("vae", vae)):
             for layer in module.modules():
                 if isinstance(layer, Conv2d):
                     layer.gemm = gemm
+                if isinstance(layer, Upsample):
+                    layer.phases = phases
                 if isinstance(layer, Attention):
                     layer.backend = p.attention
                     layer.slice_size = p.attention_slice_size

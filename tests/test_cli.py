@@ -224,6 +224,7 @@ def test_speed_flags_reach_the_pipeline(
         "--channels-last",
         "--fuse-qkv",
         "--no-conv-gemm",
+        "--no-upsample-phases",
         "--attention",
         "math",
         "--attention-slice",
@@ -250,10 +251,11 @@ def test_speed_flags_reach_the_pipeline(
         p.channels_last,
         p.fuse_qkv,
         p.conv_gemm,
+        p.upsample_phases,
         p.attention,
         p.attention_slice_size,
         p.vae_tiling,
-    ) == ("bf16", True, True, False, "math", 2, True)  # --fuse-qkv given
+    ) == ("bf16", True, True, False, False, "math", 2, True)  # --fuse-qkv given
     assert Image.open(out).size == (32, 32)
 
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import latentkit
-from latentkit.models.layers import Attention, attend, conv2d_gemm
+from latentkit.models.layers import Attention, attend, conv2d_gemm, upsample_conv2d
 from latentkit.performance import Performance
 
 SIZE = 32
@@ -51,6 +51,7 @@ def plain(sd1_path: Path) -> np.ndarray:
         {"attention": "math", "attention_slice_size": 3},
         {"fuse_qkv": False},
         {"conv_gemm": False},
+        {"upsample_phases": False},
         {"channels_last": False},
         {"channels_last": True},
         {"channels_last": True, "conv_gemm": False},
@@ -173,6 +174,7 @@ def test_attend_backends_and_slices_agree(backend: str, slice_size: int | None) 
         ({"compile": "yes"}, "compile must be True or False"),
         ({"fuse_qkv": "auto"}, "fuse_qkv must be True, False or None"),
         ({"conv_gemm": 1}, "conv_gemm must be True, False or None"),
+        ({"upsample_phases": "on"}, "upsample_phases must be True, False or None"),
         ({"channels_last": "yes"}, "channels_last must be True, False or None"),
     ],
 )
@@ -190,6 +192,17 @@ def test_projections_are_fused_on_cuda_only_unless_asked(
     pipe = load(sd1_path, fuse_qkv=fuse_qkv)  # a CPU pipeline: the default does not fuse
     layers = [m for m in pipe.unet.modules() if isinstance(m, Attention)]
     assert layers and all((m.to_qkv is not None or m.to_kv is not None) == fused for m in layers)
+
+
+@pytest.mark.parametrize(("phases", "on"), [(None, True), (True, True), (False, False)])
+def test_upsampling_is_by_phases_on_cpu_unless_asked(
+    sd1_path: Path, phases: bool | None, on: bool
+) -> None:
+    from latentkit.models.layers import Upsample
+
+    pipe = load(sd1_path, upsample_phases=phases)  # a CPU pipeline: the default is on
+    layers = [m for net in (pipe.unet, pipe.vae) for m in net.modules() if isinstance(m, Upsample)]
+    assert layers and all(m.phases == on for m in layers)
 
 
 @pytest.mark.parametrize(("conv_gemm", "on"), [(None, True), (True, True), (False, False)])
@@ -342,3 +355,80 @@ def test_conv2d_uses_the_gemm_only_for_small_stride_1_maps(
         down(small)
     assert calls == [(2, 4, 8, 8)]
     assert layers.GEMM_CONV_MAX_PIXELS == 64
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    channels=st.integers(1, 6),
+    out=st.integers(1, 5),
+    size=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    nhwc=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_upsample_conv2d_is_upsample_then_convolve(
+    batch: int,
+    channels: int,
+    out: int,
+    size: tuple[int, int],
+    nhwc: bool,
+    bias: bool,
+    seed: int,
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, *size, generator=g, dtype=torch.float64)
+    weight = torch.randn(out, channels, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(out, generator=g, dtype=torch.float64) if bias else None
+    if nhwc:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = upsample_conv2d(x, weight, b)
+    big = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    want = torch.nn.functional.conv2d(big, weight, b, padding=1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # float64: rounding only
+    # NHWC in, NHWC out (a one-channel or one-pixel map is both; it comes back NCHW)
+    if nhwc and not x.is_contiguous():
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert got.is_contiguous()
+
+
+def test_upsample_uses_phases_only_for_exact_doubling_of_large_maps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from latentkit.models import layers
+
+    calls: list[tuple[int, ...]] = []
+
+    def spy(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return upsample_conv2d(x, *args)
+
+    monkeypatch.setattr(layers, "upsample_conv2d", spy)
+    torch.manual_seed(0)
+    up = layers.Upsample(3)
+    large, small = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 15, 16)  # 256 and 240 pixels
+    with torch.no_grad():
+        plain = up(large, (32, 32))
+        up.phases = True
+        torch.testing.assert_close(up(large, (32, 32)), plain, rtol=1e-5, atol=1e-5)
+        up(large, (31, 32))  # not a doubling (an odd skip size)
+        up(small, (30, 32))
+    assert calls == [(1, 3, 16, 16)]
+    assert layers.UPSAMPLE_PHASES_MIN_PIXELS == 256
+
+
+def test_resnet_block_in_place_without_autograd_changes_nothing() -> None:
+    from latentkit.models.layers import ResnetBlock
+
+    torch.manual_seed(0)
+    block = ResnetBlock(4, 6, temb_channels=5, groups=2, eps=1e-6, output_scale_factor=2.0).eval()
+    x, temb = torch.randn(2, 4, 5, 5), torch.randn(2, 5)
+    before = x.clone()
+    with_grad = block(x, temb)
+    with torch.no_grad():
+        without = block(x, temb)
+    assert torch.equal(with_grad, without)  # the same arithmetic, bit for bit
+    assert torch.equal(x, before)  # the caller's input is never written
+    with_grad.sum().backward()  # and the autograd path still differentiates
+    assert block.conv1.weight.grad is not None
