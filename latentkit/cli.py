@@ -85,30 +85,20 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="matmuls and convolutions in this precision (bf16: fast CPU mode)",
     )
-    speed.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="NHWC memory layout for every network (default: the autoencoder on a CPU)",
-    )
-    speed.add_argument(
-        "--conv-gemm",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="convolve maps of at most 8x8 pixels as one GEMM (default: on a CPU)",
-    )
-    speed.add_argument(
-        "--upsample-phases",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="upsample-then-convolve as four small convolutions (default: on a CPU)",
-    )
-    speed.add_argument(
-        "--fuse-qkv",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="fused attention projections (default: on CUDA only)",
-    )
+    # Options whose default (None) is chosen per device; --no-X turns one off everywhere.
+    for flag, text in (
+        (
+            "--channels-last",
+            "NHWC memory layout for every network (default: the autoencoder on a CPU)",
+        ),
+        ("--conv-gemm", "convolve maps of at most 8x8 pixels as one GEMM (default: on a CPU)"),
+        (
+            "--upsample-phases",
+            "upsample-then-convolve as four small convolutions (default: on a CPU)",
+        ),
+        ("--fuse-qkv", "fused attention projections (default: on CUDA only)"),
+    ):
+        speed.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     speed.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
     speed.add_argument(
         "--attention-slice",

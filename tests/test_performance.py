@@ -194,26 +194,20 @@ def test_projections_are_fused_on_cuda_only_unless_asked(
     assert layers and all((m.to_qkv is not None or m.to_kv is not None) == fused for m in layers)
 
 
-@pytest.mark.parametrize(("phases", "on"), [(None, True), (True, True), (False, False)])
-def test_upsampling_is_by_phases_on_cpu_unless_asked(
-    sd1_path: Path, phases: bool | None, on: bool
+@pytest.mark.parametrize(("value", "on"), [(None, True), (True, True), (False, False)])
+@pytest.mark.parametrize(
+    ("option", "layer", "flag"),
+    [("conv_gemm", "Conv2d", "gemm"), ("upsample_phases", "Upsample", "phases")],
+)
+def test_cpu_algorithms_are_on_by_default_unless_asked(
+    sd1_path: Path, option: str, layer: str, flag: str, value: bool | None, on: bool
 ) -> None:
-    from latentkit.models.layers import Upsample
+    from latentkit.models import layers as blocks
 
-    pipe = load(sd1_path, upsample_phases=phases)  # a CPU pipeline: the default is on
-    layers = [m for net in (pipe.unet, pipe.vae) for m in net.modules() if isinstance(m, Upsample)]
-    assert layers and all(m.phases == on for m in layers)
-
-
-@pytest.mark.parametrize(("conv_gemm", "on"), [(None, True), (True, True), (False, False)])
-def test_small_convolutions_are_gemms_on_cpu_unless_asked(
-    sd1_path: Path, conv_gemm: bool | None, on: bool
-) -> None:
-    from latentkit.models.layers import Conv2d
-
-    pipe = load(sd1_path, conv_gemm=conv_gemm)  # a CPU pipeline: the default is on
-    layers = [m for net in (pipe.unet, pipe.vae) for m in net.modules() if isinstance(m, Conv2d)]
-    assert layers and all(m.gemm == on for m in layers)
+    pipe = load(sd1_path, **{option: value})  # a CPU pipeline: the default is on
+    kind = getattr(blocks, layer)
+    found = [m for net in (pipe.unet, pipe.vae) for m in net.modules() if isinstance(m, kind)]
+    assert found and all(getattr(m, flag) == on for m in found)
 
 
 @pytest.mark.parametrize(
