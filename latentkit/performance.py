@@ -37,13 +37,13 @@ _AUTOCAST_DTYPES = {
 class Performance:
     """Speed and memory options of a loaded pipeline.
 
-    The defaults are the eager path with per-device choices (fused attention projections on
-    CUDA; on a CPU, GEMM convolutions of small maps, upsampling by phases and an NHWC
-    autoencoder);
-    its images equal diffusers' up to float rounding (0.0 apart with those choices off).
+    The defaults are the eager path with choices made per device (fused attention
+    projections on CUDA; on a CPU, GEMM convolutions of small maps, upsampling by phases and
+    an NHWC autoencoder). Its images equal diffusers' up to float rounding, and are 0.0 apart
+    with those choices turned off.
 
     Example:
-        >>> fast = latentkit.Performance(channels_last=True, fuse_qkv=True)
+        >>> fast = latentkit.Performance(autocast="bf16")  # bf16 matmuls on a CPU with AVX-512 BF16
         >>> pipe = latentkit.load_pipeline(model, performance=fast)  # doctest: +SKIP
     """
 
