@@ -221,8 +221,8 @@ def test_attention_head_dim_is_read_as_head_count() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("addition_embed_type", "text_time"),  # SDXL
-        ("transformer_layers_per_block", [1, 2, 10, 10]),  # SDXL
+        ("addition_embed_type", "text"),  # SDXL's "text_time" is supported, others not
+        ("transformer_layers_per_block", [[1, 2]] * 4),  # per layer: asymmetric UNets
         ("class_embed_type", "timestep"),
         ("time_cond_proj_dim", 256),  # LCM distilled
         ("encoder_hid_dim", 32),

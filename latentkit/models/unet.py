@@ -1,7 +1,10 @@
-"""The denoising UNet of Stable Diffusion 1.x and 2.x (Rombach et al. 2022, sec. 3.3).
+"""The denoising UNet of Stable Diffusion 1.x, 2.x and XL (Rombach et al. 2022, sec. 3.3;
+Podell et al. 2023, sec. 2).
 
 `UNetConfig` reads a diffusers ``unet/config.json``; `UNet2DCondition` is the
 network, with module paths equal to the checkpoint keys so weights load by name.
+SDXL adds a per-block transformer depth and a vector condition (`time_ids_embedding`)
+added to the time embedding.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ _FIXED_KEYS: dict[str, object] = {
     "class_embed_type": None,
     "num_class_embeds": None,
     "class_embeddings_concat": False,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "time_embedding_type": "positional",
@@ -57,14 +59,60 @@ _FIXED_KEYS: dict[str, object] = {
     "conv_out_kernel": 3,
     "attention_type": "default",
     "reverse_transformer_layers_per_block": None,
+    "cross_attention_norm": None,
 }
+
+ADDITION_EMBED_TYPES = ("text_time",)
+"""The ``addition_embed_type`` values latentkit implements (besides None): SDXL's
+``"text_time"``, a vector of pooled text embedding and size/crop ids (`time_ids_embedding`)."""
 
 
 def _unsupported(key: str, value: object, supported: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"UNet config {key}={value!r} is not supported; latentkit implements Stable Diffusion "
-        f"1.x/2.x UNets, which use {supported}"
+        f"1.x/2.x/XL UNets, which use {supported}"
     )
+
+
+def _transformer_depths(value: object, blocks: int) -> int | tuple[int, ...]:
+    """``transformer_layers_per_block`` as diffusers reads it: one int for every block, or one
+    per down block. A list per layer (an asymmetric UNet, which also needs
+    ``reverse_transformer_layers_per_block``) is refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(value)
+    raise _unsupported(
+        "transformer_layers_per_block", value, f"one int, or one int per block ({blocks})"
+    )
+
+
+def time_ids_embedding(
+    time_ids: Tensor, dim: int, *, flip_sin_to_cos: bool, freq_shift: float
+) -> Tensor:
+    """The sinusoidal embeddings of SDXL's (B, k) size and crop ids, flattened to (B, k * dim).
+
+    Each id (original height and width, crop top and left, target height and width, or the
+    refiner's aesthetic score in place of the target size) is embedded like a timestep with
+    ``dim = addition_time_embed_dim`` channels (Podell et al. 2023, sec. 2.2: "embed each
+    component independently using Fourier feature encoding, and concatenate"); the UNet's
+    vector condition is ``cat([pooled_text, time_ids_embedding(ids, ...)], dim=-1)``. Pass the
+    UNet's ``flip_sin_to_cos`` and ``freq_shift``. Float32, whatever the dtype of ``time_ids``.
+
+    >>> time_ids_embedding(torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]), 8,
+    ...                    flip_sin_to_cos=True, freq_shift=0).shape
+    torch.Size([1, 48])
+    """
+    if time_ids.ndim != 2:
+        raise InvalidArgumentError(
+            f"time_ids must have shape (batch, ids), got {tuple(time_ids.shape)}"
+        )
+    flat = timestep_embedding(
+        time_ids.reshape(-1), dim, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift
+    )
+    return flat.reshape(time_ids.shape[0], -1)
 
 
 def _uniform_int(d: Mapping[str, Any], key: str, default: int) -> int:
@@ -104,8 +152,11 @@ class UNetConfig:
     num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
     """Heads per down block (the up blocks use them reversed); each head is ``channels // heads`` wide."""
     cross_attention_dim: int = 1280
-    """Width of the text encoder's hidden states (768 for SD 1.x, 1024 for SD 2.x)."""
-    transformer_layers_per_block: int = 1
+    """Width of the text encoder's hidden states (768 for SD 1.x, 1024 for SD 2.x, 2048 for
+    SDXL's two encoders together, 1280 for the SDXL refiner)."""
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    """Transformer blocks in each attention layer: one number for all, or one per down block
+    (SDXL: ``(1, 2, 10)``). The up blocks use them reversed, the mid block the last one."""
     use_linear_projection: bool = False
     """SD 2.x projects into and out of the transformers with linear layers, SD 1.x with 1x1 convs."""
     upcast_attention: bool = False
@@ -120,14 +171,35 @@ class UNetConfig:
     dropout: float = 0.0
     sample_size: int | tuple[int, int] | None = None
     """The latent side the model was trained at (64 for SD 1.x at 512 px); informative only."""
+    addition_embed_type: str | None = None
+    """``"text_time"`` (SDXL): a vector condition (`UNet2DCondition.forward`'s ``vector``),
+    lifted by ``add_embedding`` and added to the time embedding; None: no vector."""
+    addition_time_embed_dim: int | None = None
+    """Channels of each size/crop id's sinusoid (`time_ids_embedding`); 256 in SDXL."""
+    projection_class_embeddings_input_dim: int | None = None
+    """Width of the vector condition: pooled text width + ids x ``addition_time_embed_dim``
+    (SDXL base: 1280 + 6 x 256 = 2816; refiner: 1280 + 5 x 256 = 2560)."""
 
     def __post_init__(self) -> None:
         blocks = len(self.block_out_channels)
-        for key in ("down_block_types", "up_block_types", "num_attention_heads"):
+        keys = ["down_block_types", "up_block_types", "num_attention_heads"]
+        if isinstance(self.transformer_layers_per_block, tuple):
+            keys.append("transformer_layers_per_block")
+        for key in keys:
             if len(getattr(self, key)) != blocks:
                 raise InvalidArgumentError(
                     f"UNet config {key} has {len(getattr(self, key))} entries but block_out_channels has {blocks}"
                 )
+        if self.addition_embed_type is not None:
+            if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+                raise _unsupported(
+                    "addition_embed_type", self.addition_embed_type, "None or 'text_time'"
+                )
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if getattr(self, key) is None:
+                    raise InvalidArgumentError(
+                        f"UNet config addition_embed_type={self.addition_embed_type!r} needs {key}"
+                    )
         for i, kind in enumerate(self.down_block_types):
             if kind not in DOWN_BLOCK_TYPES:
                 raise _unsupported(f"down_block_types[{i}]", kind, " or ".join(DOWN_BLOCK_TYPES))
@@ -135,11 +207,22 @@ class UNetConfig:
             if kind not in UP_BLOCK_TYPES:
                 raise _unsupported(f"up_block_types[{i}]", kind, " or ".join(UP_BLOCK_TYPES))
 
+    @property
+    def transformer_depths(self) -> tuple[int, ...]:
+        """`transformer_layers_per_block` as one number per down block."""
+        depth = self.transformer_layers_per_block
+        return depth if isinstance(depth, tuple) else (depth,) * len(self.block_out_channels)
+
+    @property
+    def vector_dim(self) -> int | None:
+        """Width of the vector condition `UNet2DCondition.forward` takes, or None if it takes none."""
+        return self.projection_class_embeddings_input_dim if self.addition_embed_type else None
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
         """Parse a diffusers UNet config, raising `UnsupportedModelError` for any setting
-        that would make the network differ from a Stable Diffusion 1.x/2.x UNet (SDXL's
-        ``addition_embed_type``, LCM's ``time_cond_proj_dim``, other block types, ...)."""
+        that would make the network differ from a Stable Diffusion 1.x/2.x/XL UNet (LCM's
+        ``time_cond_proj_dim``, Kandinsky's ``addition_embed_type``, other block types, ...)."""
         for key, supported in _FIXED_KEYS.items():
             value = d.get(key, supported)
             # diffusers also takes the flags per block, e.g. `only_cross_attention: [false, ...]`
@@ -161,6 +244,15 @@ class UNetConfig:
             raise _unsupported("attention_head_dim", None, "a number of heads")
         heads = (heads,) * len(down) if isinstance(heads, int) else tuple(heads)
         sample_size = d.get("sample_size")
+        addition = d.get("addition_embed_type")
+        if addition is not None and addition not in ADDITION_EMBED_TYPES:
+            raise _unsupported("addition_embed_type", addition, "None or 'text_time'")
+
+        def optional_int(key: str) -> int | None:
+            # Read only with an addition embedding: diffusers ignores them otherwise.
+            value = d.get(key)
+            return None if value is None or addition is None else int(value)
+
         return cls(
             in_channels=int(d.get("in_channels", 4)),
             out_channels=int(d.get("out_channels", 4)),
@@ -172,7 +264,9 @@ class UNetConfig:
             up_block_types=tuple(d.get("up_block_types", cls.up_block_types)),
             num_attention_heads=tuple(int(h) for h in heads),
             cross_attention_dim=int(d.get("cross_attention_dim", 1280)),
-            transformer_layers_per_block=_uniform_int(d, "transformer_layers_per_block", 1),
+            transformer_layers_per_block=_transformer_depths(
+                d.get("transformer_layers_per_block", 1), len(down)
+            ),
             use_linear_projection=bool(d.get("use_linear_projection", False)),
             upcast_attention=bool(d.get("upcast_attention", False)),
             norm_num_groups=int(d.get("norm_num_groups", 32)),
@@ -185,6 +279,11 @@ class UNetConfig:
             sample_size=tuple(sample_size)
             if isinstance(sample_size, (list, tuple))
             else sample_size,
+            addition_embed_type=addition,
+            addition_time_embed_dim=optional_int("addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=optional_int(
+                "projection_class_embeddings_input_dim"
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +293,7 @@ class UNetConfig:
         them (diffusers refuses ``num_attention_heads`` for this model class).
         """
         sample_size = self.sample_size
+        depth = self.transformer_layers_per_block
         return {
             "_class_name": "UNet2DConditionModel",
             "in_channels": self.in_channels,
@@ -204,7 +304,7 @@ class UNetConfig:
             "up_block_types": list(self.up_block_types),
             "attention_head_dim": list(self.num_attention_heads),
             "cross_attention_dim": self.cross_attention_dim,
-            "transformer_layers_per_block": self.transformer_layers_per_block,
+            "transformer_layers_per_block": list(depth) if isinstance(depth, tuple) else depth,
             "use_linear_projection": self.use_linear_projection,
             "upcast_attention": self.upcast_attention,
             "norm_num_groups": self.norm_num_groups,
@@ -215,6 +315,9 @@ class UNetConfig:
             "mid_block_scale_factor": self.mid_block_scale_factor,
             "dropout": self.dropout,
             "sample_size": list(sample_size) if isinstance(sample_size, tuple) else sample_size,
+            "addition_embed_type": self.addition_embed_type,
+            "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
         }
 
 
@@ -279,19 +382,28 @@ class UNet2DCondition(nn.Module):
                 output_scale_factor=scale,
             )
 
-        def transformer(c: int, heads: int) -> SpatialTransformer:
+        def transformer(c: int, heads: int, depth: int) -> SpatialTransformer:
             return SpatialTransformer(
                 c,
                 heads=heads,
                 head_dim=c // heads,
                 context_dim=config.cross_attention_dim,
-                depth=config.transformer_layers_per_block,
+                depth=depth,
                 groups=config.norm_num_groups,
                 linear_projection=config.use_linear_projection,
             )
 
         self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
+        # SDXL's vector condition gets its own MLP into the time embedding's width (the
+        # sinusoids of its ids are made by the caller, `time_ids_embedding`, as they have no
+        # weights). Podell et al. 2023, sec. 2.2.
+        self.add_embedding = (
+            TimestepEmbedding(config.vector_dim, temb_dim)
+            if config.vector_dim is not None
+            else None
+        )
+        depths = config.transformer_depths
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(config.down_block_types):
@@ -300,7 +412,7 @@ class UNet2DCondition(nn.Module):
             self.down_blocks.append(
                 DownBlock(
                     [resnet(c_in if j == 0 else c_out, c_out) for j in layers],
-                    [transformer(c_out, config.num_attention_heads[i]) for _ in layers]
+                    [transformer(c_out, config.num_attention_heads[i], depths[i]) for _ in layers]
                     if kind == "CrossAttnDownBlock2D"
                     else [],
                     Downsample(c_out, padding=config.downsample_padding) if i < n - 1 else None,
@@ -310,7 +422,7 @@ class UNet2DCondition(nn.Module):
         c_mid, scale = channels[-1], config.mid_block_scale_factor
         self.mid_block = MidBlock(
             (resnet(c_mid, c_mid, scale), resnet(c_mid, c_mid, scale)),
-            transformer(c_mid, config.num_attention_heads[-1]),
+            transformer(c_mid, config.num_attention_heads[-1], depths[-1]),
         )
 
         # Each up block has one more ResNet than its down block: it also takes the output of the
@@ -331,7 +443,10 @@ class UNet2DCondition(nn.Module):
                         )
                         for j in layers
                     ],
-                    [transformer(c_out, config.num_attention_heads[n - 1 - i]) for _ in layers]
+                    [
+                        transformer(c_out, config.num_attention_heads[n - 1 - i], depths[n - 1 - i])
+                        for _ in layers
+                    ]
                     if kind == "CrossAttnUpBlock2D"
                     else [],
                     Upsample(c_out) if i < n - 1 else None,
@@ -346,9 +461,27 @@ class UNet2DCondition(nn.Module):
         sample: Tensor,
         timestep: Tensor | float | int,
         encoder_hidden_states: Tensor,
+        vector: Tensor | None = None,
     ) -> Tensor:
         """Predict for ``sample`` (B, in_channels, h, w) at ``timestep`` (a number, or a 0-d or
-        (B,) tensor) given text ``encoder_hidden_states`` (B, tokens, cross_attention_dim)."""
+        (B,) tensor) given text ``encoder_hidden_states`` (B, tokens, cross_attention_dim).
+
+        ``vector`` (B, `UNetConfig.vector_dim`) is the vector condition of a UNet with an
+        ``addition_embed_type`` (SDXL: pooled text embedding, then `time_ids_embedding`), and
+        must be None for one without.
+        """
+        expected = self.config.vector_dim
+        if (vector is None) != (expected is None):
+            raise InvalidArgumentError(
+                "this UNet takes no vector condition; pass vector=None"
+                if expected is None
+                else f"this UNet (addition_embed_type={self.config.addition_embed_type!r}) needs "
+                f"a vector condition of shape (batch, {expected}); pass vector="
+            )
+        if vector is not None and tuple(vector.shape) != (sample.shape[0], expected):
+            raise InvalidArgumentError(
+                f"vector has shape {tuple(vector.shape)}, expected {(sample.shape[0], expected)}"
+            )
         t = torch.as_tensor(timestep, device=sample.device)
         t = (t[None] if t.ndim == 0 else t).expand(sample.shape[0])
         # The sinusoids are float32 like the reference's; cast to the network's dtype after.
@@ -359,6 +492,8 @@ class UNet2DCondition(nn.Module):
             freq_shift=self.config.freq_shift,
         ).to(sample.dtype)
         temb = self.time_embedding(t_features)
+        if self.add_embedding is not None and vector is not None:
+            temb = temb + self.add_embedding(vector.to(temb.dtype))
         context = encoder_hidden_states
 
         x = self.conv_in(sample)
