@@ -1,4 +1,4 @@
-"""The CLIP text encoder of Stable Diffusion 1.x and 2.x (Radford et al. 2021, sec. 2.4).
+"""The CLIP text encoders of Stable Diffusion 1.x, 2.x and XL (Radford et al. 2021, sec. 2.4).
 
 A causal Transformer (Vaswani et al. 2017) over byte-pair tokens: token plus learned
 position embeddings, pre-norm self-attention and MLP blocks, a final layer norm. Stable
@@ -7,7 +7,10 @@ Diffusion conditions on its last hidden states (Rombach et al. 2022, sec. 3.3).
 `CLIPTextConfig` reads a transformers ``text_encoder/config.json``; `CLIPTextEncoder` is the
 network, with module paths equal to the published checkpoint keys
 (``text_model.encoder.layers.0.self_attn.q_proj.weight``, ...) so weights load by name.
-Its outputs equal those of transformers' ``CLIPTextModel`` on the same weights.
+Its outputs equal those of transformers' ``CLIPTextModel`` on the same weights, or of
+``CLIPTextModelWithProjection`` (SDXL's second encoder, OpenCLIP ViT-bigG/14) when the config
+names that architecture: then a ``text_projection`` maps the pooled state into CLIP's joint
+embedding space (`TextEncoderOutput.text_embeds`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,16 @@ def quick_gelu(x: Tensor) -> Tensor:
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "quick_gelu": quick_gelu,  # OpenAI's CLIP ViT-L/14 (Stable Diffusion 1.x)
-    "gelu": F.gelu,  # OpenCLIP ViT-H/14 (Stable Diffusion 2.x); the exact, erf-based GELU
+    "gelu": F.gelu,  # OpenCLIP ViT-H/14 (SD 2.x), ViT-bigG/14 (SDXL); the exact, erf-based GELU
 }
 """The MLP activations (``hidden_act``) of the CLIP text encoders Stable Diffusion uses."""
+
+PROJECTION_ARCHITECTURE = "CLIPTextModelWithProjection"
+"""The transformers class, named in a config's ``architectures``, whose checkpoints carry a
+``text_projection`` (SDXL's ``text_encoder_2``)."""
+
+DEFAULT_PROJECTION_DIM = 512
+"""transformers' ``projection_dim`` when a config omits it."""
 
 CHECKPOINT_PREFIX = "text_model."
 """The prefix of every key in published checkpoints (and of our module paths). transformers 5
@@ -82,10 +92,15 @@ class CLIPTextConfig:
     transformers 4.31 say 2; that value means "the highest token id", see `CLIPTextEncoder`."""
     pad_token_id: int = 1
     projection_dim: int | None = None
-    """Width of CLIP's joint embedding; unused by the text encoder, kept for its config file."""
+    """Width of CLIP's joint embedding: the output of ``text_projection`` when
+    `with_projection`, else unused (kept for the config file)."""
     use_attention_mask: bool = False
     """Whether the encoder was trained to ignore padding; read by `TextConditioner`. Stable
     Diffusion's encoders were not (their configs omit the key)."""
+    with_projection: bool = False
+    """Whether the encoder has CLIP's ``text_projection`` (a bias-free linear map of the pooled
+    state to ``projection_dim``): transformers' ``CLIPTextModelWithProjection``, SDXL's
+    second encoder. Read from (and written as) the config's ``architectures``."""
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
@@ -98,18 +113,24 @@ class CLIPTextConfig:
                 f"text encoder config hidden_size={self.hidden_size} is not a multiple of "
                 f"num_attention_heads={self.num_attention_heads}"
             )
+        if self.with_projection and self.projection_dim is None:
+            raise InvalidArgumentError(
+                "a text encoder with a projection needs projection_dim (the projection's width)"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
-        """Parse transformers' ``CLIPTextModel`` config, raising `UnsupportedModelError` for
-        another kind of model (a full CLIP config, another activation, ...)."""
+        """Parse transformers' ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` config,
+        raising `UnsupportedModelError` for another kind of model (a full CLIP config, another
+        activation, ...)."""
         model_type = d.get("model_type", "clip_text_model")
         if model_type != "clip_text_model":
             raise UnsupportedModelError(
                 f"text encoder config model_type={model_type!r} is not supported; latentkit "
                 "reads the CLIP text encoder of Stable Diffusion 1.x/2.x ('clip_text_model')"
             )
-        projection = d.get("projection_dim")
+        with_projection = PROJECTION_ARCHITECTURE in (d.get("architectures") or ())
+        projection = d.get("projection_dim", DEFAULT_PROJECTION_DIM if with_projection else None)
         return cls(
             vocab_size=int(d.get("vocab_size", cls.vocab_size)),
             hidden_size=int(d.get("hidden_size", cls.hidden_size)),
@@ -126,13 +147,15 @@ class CLIPTextConfig:
             pad_token_id=int(d.get("pad_token_id", cls.pad_token_id)),
             projection_dim=None if projection is None else int(projection),
             use_attention_mask=bool(d.get("use_attention_mask", False)),
+            with_projection=with_projection,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """This config as a transformers ``text_encoder/config.json`` (`from_dict` reads it
-        back equal; transformers' and diffusers' loaders read it as a ``CLIPTextModel``)."""
+        back equal; transformers' and diffusers' loaders read it as a ``CLIPTextModel``, or a
+        ``CLIPTextModelWithProjection`` with `with_projection`)."""
         d: dict[str, Any] = {
-            "architectures": ["CLIPTextModel"],
+            "architectures": [PROJECTION_ARCHITECTURE if self.with_projection else "CLIPTextModel"],
             "model_type": "clip_text_model",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -156,14 +179,20 @@ class CLIPTextConfig:
 @dataclass(frozen=True)
 class TextEncoderOutput:
     """What `CLIPTextEncoder` returns; ``output[0]`` is ``last_hidden_state`` and ``output[1]``
-    ``pooler_output``, as in transformers' output objects."""
+    ``pooler_output``, as in transformers' ``CLIPTextModel`` output (not as in its
+    ``CLIPTextModelWithProjection`` output, whose ``[0]`` is ``text_embeds``: use the names)."""
 
     last_hidden_state: Tensor
     """(B, N, D): the last layer's states through the final layer norm."""
     pooler_output: Tensor
     """(B, D): ``last_hidden_state`` at each sequence's end token."""
     hidden_states: tuple[Tensor, ...] | None = None
-    """When asked for: the embeddings, then each layer's output (before the final layer norm)."""
+    """When asked for: the embeddings, then each layer's output (before the final layer norm).
+    SDXL conditions on ``hidden_states[-2]`` (the penultimate layer, no final norm), or on
+    ``hidden_states[-(clip_skip + 2)]``."""
+    text_embeds: Tensor | None = None
+    """(B, projection_dim): ``text_projection(pooler_output)``, for an encoder
+    `CLIPTextConfig.with_projection` (SDXL's pooled text condition); None otherwise."""
 
     def __getitem__(self, index: int) -> Tensor:
         return (self.last_hidden_state, self.pooler_output)[index]
@@ -269,14 +298,21 @@ class CLIPTextEncoder(nn.Module):
     """The CLIP text Transformer (Radford et al. 2021, sec. 2.4) as Stable Diffusion uses it.
 
     Build it with ``CLIPTextEncoder(CLIPTextConfig.from_dict(config_json))``; its
-    ``state_dict()`` keys are those of the published checkpoints (``text_model.*``), and
-    ``encoder(ids)`` equals transformers' ``CLIPTextModel(ids)`` on the same weights.
+    ``state_dict()`` keys are those of the published checkpoints (``text_model.*``, plus
+    ``text_projection.weight`` with `CLIPTextConfig.with_projection`), and ``encoder(ids)``
+    equals transformers' ``CLIPTextModel(ids)`` (``CLIPTextModelWithProjection(ids)``) on the
+    same weights.
     """
 
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
         self.config = config
         self.text_model = TextTransformer(config)
+        self.text_projection = (
+            nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+            if config.with_projection and config.projection_dim is not None
+            else None
+        )
 
     def forward(
         self,
@@ -322,8 +358,11 @@ class CLIPTextEncoder(nn.Module):
             end = tokens.argmax(dim=-1)
         else:
             end = (tokens == self.config.eos_token_id).int().argmax(dim=-1)  # the first one
+        pooled = last[rows, end]
         return TextEncoderOutput(
             last_hidden_state=last,
-            pooler_output=last[rows, end],
+            pooler_output=pooled,
             hidden_states=None if states is None else tuple(states),
+            # CLIP's joint-space text embedding (Radford et al. 2021, fig. 3: T_f @ W_t).
+            text_embeds=None if self.text_projection is None else self.text_projection(pooled),
         )
