@@ -35,7 +35,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from latentkit import schedulers
-from latentkit.data.shapes import (
+from latentkit.lab.evaluation import evaluate
+from latentkit.lab.shapes import (
     COLOURS,
     KINDS,
     RELATIONS,
@@ -43,12 +44,7 @@ from latentkit.data.shapes import (
     all_captions,
     mirrored,
 )
-from latentkit.evaluation import evaluate
-from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from latentkit.models.layers import Attention
-from latentkit.models.unet import UNet2DCondition, UNetConfig
-from latentkit.saving import save_pipeline
-from latentkit.training import (
+from latentkit.lab.training import (
     EMA,
     contrastive_loss,
     denoiser_loss,
@@ -56,6 +52,10 @@ from latentkit.training import (
     forever,
     train_autoencoder,
 )
+from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from latentkit.models.layers import Attention
+from latentkit.models.unet import UNet2DCondition, UNetConfig
+from latentkit.saving import save_pipeline
 
 MAX_TOKENS = 16  # the longest caption is 9 words + start and end tokens
 
@@ -326,7 +326,7 @@ def main() -> None:
     # ------------------------------------------------------------ 3. CLIP text encoder
     from tqdm.auto import tqdm
 
-    from latentkit.training import build_word_tokenizer
+    from latentkit.lab.training import build_word_tokenizer
 
     # Every caption of the training split: the text side of the contrastive objective, and
     # the table of text embeddings the UNet trains with (the encoder is frozen after this).

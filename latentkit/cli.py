@@ -1,5 +1,7 @@
-"""The ``latentkit`` command: ``latentkit generate "prompt" -o out.png``, ``latentkit schedulers``
-and ``latentkit eval`` (sampler quality on a shapes model)."""
+"""The ``latentkit`` command: ``latentkit generate "prompt" -o out.png`` and
+``latentkit schedulers``.
+
+The shapes model's evaluation is the lab's command (``latentkit-lab eval``), not the SDK's."""
 
 from __future__ import annotations
 
@@ -118,20 +120,6 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    ev = sub.add_parser("eval", help="measure prompt adherence of samplers on a shapes model")
-    ev.add_argument(
-        "--model", default="latentkit/shapes", help="default: the built-in shapes model"
-    )
-    ev.add_argument("--single", type=int, default=24, help="single-shape held-out prompts")
-    ev.add_argument("--two", type=int, default=72, help="two-shape held-out prompts")
-    ev.add_argument("--steps", default="5,10,20,50", help="DDIM and DPM-Solver++ step counts")
-    ev.add_argument("--guidance", default="1,3,7.5", help="guidance scales")
-    ev.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM steps (0 skips DDPM)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch", type=int, default=16, help="prompts generated together")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
     sub.add_parser(
         "schedulers", help="list the registered schedulers, each with its A1111 sampler labels"
     )
@@ -153,37 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in listed:
                 print(f"{name:<{width}}{', '.join(schedulers.aliases(name))}".rstrip())
             return 0
-        if args.command == "eval":
-            return _evaluate(args)
         return _generate(args)
     except LatentkitError as e:
         print(f"latentkit: error: {e}", file=sys.stderr)
         return 2
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from latentkit import evaluation
-    from latentkit.api import load_pipeline
-    from latentkit.data.shapes import held_out_prompts
-    from latentkit.errors import InvalidArgumentError
-
-    try:
-        steps = [int(n) for n in args.steps.split(",") if n]
-        guidance = [float(g) for g in args.guidance.split(",") if g]
-    except ValueError as e:
-        raise InvalidArgumentError(
-            f"--steps and --guidance take comma-separated numbers ({e})"
-        ) from e
-    if args.batch < 1:
-        raise InvalidArgumentError(f"--batch must be at least 1, got {args.batch}")
-    prompts = held_out_prompts(args.seed, n_single=args.single, n_two=args.two)
-    runs = evaluation.default_runs(steps=steps, guidance=guidance, ddpm_steps=args.ddpm_steps)
-    pipe = load_pipeline(args.model, device=args.device, progress=not args.quiet)
-    reports = evaluation.sampler_grid(
-        pipe, prompts, runs, seed=args.seed, batch=args.batch, progress=not args.quiet
-    )
-    print(evaluation.format_table(reports))
-    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -193,17 +193,6 @@ def test_image_tasks_from_the_command_line(sd1_path: Path, tmp_path: Path) -> No
     )
 
 
-def test_eval_prints_a_table_per_run(sd1_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # On a random tiny model adherence is ~0; this checks the command, not the model.
-    args = ["eval", "--model", str(sd1_path), "--single", "2", "--two", "2", "--steps", "1,2"]
-    args += ["--guidance", "1,3", "--ddpm-steps", "0", "--device", "cpu", "--quiet"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    for row in ("ddim 1 steps, cfg 1", "dpm-solver++ 2 steps, cfg 3"):
-        assert row in out
-    assert out.count("\n") == 2 + 2 * 2 * 2  # header, rule, 2 schedulers x 2 steps x 2 guidance
-
-
 def test_speed_flags_reach_the_pipeline(
     sd1_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 import latentkit
-from latentkit import evaluation
-from latentkit.data.shapes import held_out_prompts
+from latentkit.lab import evaluation
+from latentkit.lab.shapes import held_out_prompts
 from latentkit.loading import builtin_model
 
 pytestmark = pytest.mark.skipif(

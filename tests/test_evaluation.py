@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from latentkit import evaluation
-from latentkit.data import shapes
 from latentkit.errors import InvalidArgumentError
+from latentkit.lab import evaluation, shapes
 
 
 def _render(

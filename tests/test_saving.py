@@ -17,10 +17,10 @@ import latentkit
 from latentkit import schedulers
 from latentkit.conditioners.text import TextConditioner
 from latentkit.errors import InvalidArgumentError
+from latentkit.lab.training import build_word_tokenizer
 from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from latentkit.models.unet import UNet2DCondition, UNetConfig
 from latentkit.saving import save_pipeline
-from latentkit.training import build_word_tokenizer
 
 SIZE = 32  # pixels; the tiny VAE downsamples by 2
 PROMPT = "a small red circle on a blue square"

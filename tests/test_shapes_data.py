@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from latentkit.data import shapes
 from latentkit.errors import InvalidArgumentError
+from latentkit.lab import shapes
 
 N = 300
 OBJECT = r"a (red|green|blue|yellow) (circle|square|triangle)"
@@ -162,7 +162,7 @@ def test_docstring_examples() -> None:
 
 
 def test_mirrored_wording_describes_the_same_scene() -> None:
-    from latentkit.evaluation import evaluate
+    from latentkit.lab.evaluation import evaluate
 
     assert shapes.mirrored("a red circle") is None
     twos = shapes.all_captions(two_shapes=True)

@@ -15,9 +15,7 @@ from torch import Tensor, nn
 
 from latentkit import schedulers
 from latentkit.errors import InvalidArgumentError
-from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from latentkit.models.unet import UNet2DCondition, UNetConfig
-from latentkit.training import (
+from latentkit.lab.training import (
     EMA,
     autoencoder_loss,
     build_word_tokenizer,
@@ -28,6 +26,8 @@ from latentkit.training import (
     train_autoencoder,
     train_denoiser,
 )
+from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from latentkit.models.unet import UNet2DCondition, UNetConfig
 
 WORDS = ["a", "an", "small", "large", "red", "green", "blue", "circle", "square", "triangle"]
 WORDS += ["on", "of", "and", "cat", "scat", "aaaa", "aa", "über", "7", "!"]

@@ -116,7 +116,7 @@ class TextConditioner:
         text_encoder: CLIPTextEncoder | CLIPTextModel,
     ) -> None:
         """``tokenizer`` is latentkit's `CLIPTokenizer` (what `load_pipeline` builds) or
-        transformers' (e.g. from `latentkit.training.build_word_tokenizer`); ``text_encoder``
+        transformers' (e.g. from `latentkit.lab.training.build_word_tokenizer`); ``text_encoder``
         is latentkit's `CLIPTextEncoder` or a transformers ``CLIPTextModel`` (e.g. one
         being trained)."""
         self.tokenizer = tokenizer

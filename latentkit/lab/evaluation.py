@@ -30,7 +30,7 @@ matrix square root); the Gaussian kernel is characteristic (any difference in di
 shows, not only in mean and covariance); a fixed bandwidth keeps runs comparable. Noise
 level: about ±0.004 between two sets of 200 dataset images.
 
->>> from latentkit.data import shapes
+>>> from latentkit.lab import shapes
 >>> pairs = list(shapes.dataset(8, seed=1))
 >>> report = evaluate([im for im, _ in pairs], [t for _, t in pairs])
 >>> report.overall.adherence
@@ -49,7 +49,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from latentkit.data.shapes import (
+from latentkit.errors import InvalidArgumentError
+from latentkit.lab.shapes import (
     BACKGROUND,
     COLOURS,
     KINDS,
@@ -61,7 +62,6 @@ from latentkit.data.shapes import (
     render,
     sample_scene,
 )
-from latentkit.errors import InvalidArgumentError
 
 ImageLike: TypeAlias = Image.Image | npt.NDArray[np.uint8]
 """A PIL image, or an (H, W, 3) uint8 array."""

@@ -11,11 +11,11 @@ centres are separated along the relation's axis by at least the two half-sizes p
 and across it by at most half of that.
 
 Rendering is aliased (no anti-aliasing) by default: every pixel is white or one of the four
-palette colours, so the ground truth of the evaluator (`latentkit.evaluation`) is exact; the
+palette colours, so the ground truth of the evaluator (`latentkit.lab.evaluation`) is exact; the
 evaluator itself thresholds at the 50 % blend between ink and paper, so soft-edged images
 (``antialias=True``, or decoded by a VAE) give the same regions.
 
->>> from latentkit.data import shapes
+>>> from latentkit.lab import shapes
 >>> image, text = next(shapes.dataset(1, seed=0))
 >>> image.size, text.startswith("a ")
 ((64, 64), True)

@@ -13,15 +13,15 @@ Write the trained model with `latentkit.saving.save_pipeline`; `latentkit.load_p
 
 from __future__ import annotations
 
-from latentkit.training.ema import EMA
-from latentkit.training.loops import (
+from latentkit.lab.training.ema import EMA
+from latentkit.lab.training.loops import (
     LossCallback,
     LossLog,
     forever,
     train_autoencoder,
     train_denoiser,
 )
-from latentkit.training.losses import (
+from latentkit.lab.training.losses import (
     AutoencoderLoss,
     Reconstruction,
     TrainingSchedule,
@@ -32,7 +32,7 @@ from latentkit.training.losses import (
     kl_to_standard_normal,
     sample_timesteps,
 )
-from latentkit.training.tokenizer import build_word_tokenizer
+from latentkit.lab.training.tokenizer import build_word_tokenizer
 
 __all__ = [
     "EMA",

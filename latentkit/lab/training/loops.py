@@ -1,7 +1,7 @@
 """Minimal training loops for the autoencoder and the denoiser, seeded and with a loss log.
 
 Each loop is AdamW on the module's trainable parameters, one loss per step; the losses are
-`latentkit.training.losses`. All randomness the loop draws (posterior samples, noise,
+`latentkit.lab.training.losses`. All randomness the loop draws (posterior samples, noise,
 timesteps, guidance dropout) comes from one generator seeded with ``seed``, and torch's
 global generator (used by dropout layers) is seeded for the loop and restored after, so
 the same seed, data and initial weights give the same losses on the CPU.
@@ -17,15 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError
-from latentkit.models.autoencoder import AutoencoderKL
-from latentkit.training.ema import EMA
-from latentkit.training.losses import (
+from latentkit.lab.training.ema import EMA
+from latentkit.lab.training.losses import (
     Reconstruction,
     TrainingSchedule,
     autoencoder_loss,
     denoiser_loss,
     drop_context,
 )
+from latentkit.models.autoencoder import AutoencoderKL
 
 T = TypeVar("T")
 
