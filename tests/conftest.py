@@ -33,3 +33,18 @@ def inpaint_path(models_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def depth_path(models_root: Path) -> Path:
     return tiny_models.save_pipeline("depth", models_root)
+
+
+@pytest.fixture(scope="session")
+def sdxl_path(models_root: Path) -> Path:
+    return tiny_models.save_pipeline("sdxl", models_root)
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner_path(models_root: Path) -> Path:
+    return tiny_models.save_pipeline("sdxl_refiner", models_root)
+
+
+@pytest.fixture(scope="session")
+def sdxl_inpaint_path(models_root: Path) -> Path:
+    return tiny_models.save_pipeline("sdxl_inpaint", models_root)

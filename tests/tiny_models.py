@@ -173,7 +173,10 @@ def depth_estimator() -> tuple[Any, Any]:
 
 
 def build_pipeline(kind: str) -> Any:
-    """A diffusers pipeline with random tiny weights: ``"sd1"``, ``"sd2"`` or ``"inpaint"``."""
+    """A diffusers pipeline with random tiny weights: ``"sd1"``, ``"sd2"``, ``"inpaint"``,
+    ``"depth"``, or one of `SDXL_KINDS` (see `build_sdxl_pipeline`)."""
+    if kind in SDXL_KINDS:
+        return build_sdxl_pipeline(kind)
     import tempfile
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -233,6 +236,196 @@ def build_pipeline(kind: str) -> Any:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+# ---------------------------------------------------------------- SDXL
+
+SDXL_KINDS = ("sdxl", "sdxl_refiner", "sdxl_inpaint")
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler (the refiner's is the same).
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+SDXL_TIME_EMBED_DIM = 8
+"""``addition_time_embed_dim`` of the tiny SDXL UNets (256 in the real ones)."""
+SDXL_TEXT_HIDDEN = (32, 48)
+"""Hidden widths of the tiny ``text_encoder`` (CLIP ViT-L's role) and ``text_encoder_2``
+(OpenCLIP bigG's role); they differ so a swapped concatenation shows."""
+SDXL_PROJECTION_DIM = 40
+"""``projection_dim`` of the tiny ``text_encoder_2``: unlike bigG (1280 = hidden) it differs
+from the hidden width, so pooling the wrong tensor fails loudly."""
+
+
+def sdxl_text_encoder_kwargs(which: int) -> dict[str, Any]:
+    """transformers ``CLIPTextConfig`` kwargs of the tiny SDXL encoder ``which`` (1 or 2).
+
+    Like the published configs: bos 0, eos 2 (the pre-4.31 value: the pooled token is then the
+    highest id, the end token), pad 1; quick_gelu for the first, gelu and a projection for the
+    second. Three layers, so ``hidden_states[-2]`` and ``[-3]`` (clip skip) are distinct layers.
+    """
+    vocab_size = tokenizer_vocab_size()
+    kwargs: dict[str, Any] = dict(
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        hidden_size=SDXL_TEXT_HIDDEN[which - 1],
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=vocab_size,
+        hidden_act="quick_gelu" if which == 1 else "gelu",
+        projection_dim=SDXL_TEXT_HIDDEN[0] if which == 1 else SDXL_PROJECTION_DIM,
+    )
+    return kwargs
+
+
+def tokenizer_vocab_size() -> int:
+    """The vocabulary size of `write_tokenizer`'s tokenizer."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_tokenizer(Path(tmp))
+
+
+def sdxl_unet_kwargs(in_channels: int = 4) -> dict[str, Any]:
+    """An SDXL-base-shaped UNet, tiny: three levels, the first without attention; per-block
+    transformer depth and heads; linear projections; the two encoders' widths concatenated
+    as context; a vector of pooled text (40) and six size/crop ids (6 x 8)."""
+    return dict(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 2, 3),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_embed_type_num_heads=64,
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_PROJECTION_DIM + 6 * SDXL_TIME_EMBED_DIM,
+        cross_attention_dim=sum(SDXL_TEXT_HIDDEN),
+        norm_num_groups=8,
+    )
+
+
+def sdxl_refiner_unet_kwargs() -> dict[str, Any]:
+    """An SDXL-refiner-shaped UNet, tiny: four levels, attention in the middle two; one
+    transformer depth for all; context from the second encoder only; a vector of pooled text
+    (40) and five ids (size, crop, aesthetic score: 5 x 8)."""
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        down_block_types=(
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 4, 4),
+        transformer_layers_per_block=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_embed_type_num_heads=64,
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_PROJECTION_DIM + 5 * SDXL_TIME_EMBED_DIM,
+        cross_attention_dim=SDXL_TEXT_HIDDEN[1],
+        norm_num_groups=8,
+    )
+
+
+def build_sdxl_pipeline(kind: str) -> Any:
+    """A diffusers SDXL pipeline with random tiny weights.
+
+    ``"sdxl"``: ``StableDiffusionXLPipeline`` (two encoders, ``force_zeros_for_empty_prompt``);
+    ``"sdxl_refiner"``: ``StableDiffusionXLImg2ImgPipeline`` with only ``text_encoder_2`` /
+    ``tokenizer_2`` and ``requires_aesthetics_score``; ``"sdxl_inpaint"``:
+    ``StableDiffusionXLInpaintPipeline`` with a 9-channel UNet. The second tokenizer pads with
+    ``"!"``, the scheduler is SDXL's Euler, the VAE has SDXL's scaling factor and upcast flag.
+    """
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    if kind not in SDXL_KINDS:
+        raise ValueError(kind)
+    refiner = kind == "sdxl_refiner"
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp) / "1")
+        write_tokenizer(Path(tmp) / "2", pad_token="!")
+        tokenizer = CLIPTokenizer.from_pretrained(str(Path(tmp) / "1"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(Path(tmp) / "2"))
+    torch.manual_seed(0)
+    if refiner:
+        unet = UNet2DConditionModel(**sdxl_refiner_unet_kwargs())
+    else:
+        unet = UNet2DConditionModel(**sdxl_unet_kwargs(9 if kind == "sdxl_inpaint" else 4))
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**sdxl_text_encoder_kwargs(1))).eval()
+    torch.manual_seed(2)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**sdxl_text_encoder_kwargs(2))
+    ).eval()
+    torch.manual_seed(3)
+    vae = AutoencoderKL(**vae_kwargs(), scaling_factor=0.13025, force_upcast=True)
+    # Random weights make tiny outputs: scale the output convs up so images are not all grey.
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(5.0)
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    parts: dict[str, Any] = dict(
+        vae=vae.eval(),
+        text_encoder=None if refiner else text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None if refiner else tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    if kind == "sdxl":
+        return StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(
+            **parts, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+        )
+    return StableDiffusionXLInpaintPipeline(
+        **parts, requires_aesthetics_score=False, force_zeros_for_empty_prompt=True
     )
 
 
