@@ -6,7 +6,10 @@ import doctest
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from latentkit.errors import InvalidArgumentError
@@ -176,7 +179,43 @@ def test_components_are_eight_connected() -> None:
     mask[0, 4] = True
     labels = evaluation._components(mask)
     assert len(np.unique(labels[mask])) == 3
-    assert labels[2, 2] == labels[0, 0] and (labels[~mask] == -1).all()
+    assert labels[2, 2] == labels[0, 0] and (labels[~mask] == 0).all()
+
+
+def _flood_fill_labels(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
+    """Brute force: scan in raster order; each unlabelled ink pixel starts the next label and
+    a flood fill over its 8 neighbours (diagonals included) gives the whole component."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), np.int32)
+    count = 0
+    for y0 in range(h):
+        for x0 in range(w):
+            if not mask[y0, x0] or labels[y0, x0]:
+                continue
+            count += 1
+            labels[y0, x0] = count
+            stack = [(y0, x0)]
+            while stack:
+                y, x = stack.pop()
+                for ny in (y - 1, y, y + 1):
+                    for nx in (x - 1, x, x + 1):
+                        if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                            labels[ny, nx] = count
+                            stack.append((ny, nx))
+    return labels
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    density=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_components_match_a_flood_fill(shape: tuple[int, int], density: float, seed: int) -> None:
+    # Exactly equal label arrays: the same 8-connected partition and the same numbering (by
+    # each component's first pixel in raster order), which orders find_regions' ties.
+    mask = np.random.default_rng(seed).random(shape) < density
+    np.testing.assert_array_equal(evaluation._components(mask), _flood_fill_labels(mask))
 
 
 def test_distance_separates_corrupted_images() -> None:

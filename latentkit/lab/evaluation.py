@@ -9,7 +9,7 @@ relation. The steps:
    VAE-decoded) edge at its 50 % blend, where the geometric edge is. Quantising to the five
    palette colours per pixel instead would mislabel edges: the green-white blend is nearer
    yellow than green, which would draw yellow rings around green shapes.
-2. **Regions.** 8-connected components of the ink mask (a vectorised union-find in numpy);
+2. **Regions.** 8-connected components of the ink mask (``scipy.ndimage.label``);
    components smaller than ``min_area`` (a fraction of the image) are specks and ignored.
 3. **Colour.** The per-channel median of a region's pixels, named by the nearest palette
    colour; farther than ``max_colour_distance`` (RGB units) from all of them is no colour.
@@ -48,6 +48,7 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+from scipy import ndimage
 
 from latentkit.errors import InvalidArgumentError
 from latentkit.lab.shapes import (
@@ -88,6 +89,8 @@ SHAPE_PROTOTYPES: Mapping[Kind, tuple[float, float]] = {
 
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float64)
 _PROTOTYPES = np.array([SHAPE_PROTOTYPES[k] for k in KINDS])
+# 3x3 ones: a pixel touches its 8 neighbours, diagonals included.
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -162,34 +165,11 @@ def _as_array(image: ImageLike) -> npt.NDArray[np.uint8]:
     return array
 
 
-def _components(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
-    """Label the 8-connected components of ``mask``: -1 off the mask, else the smallest flat
-    index in the component. Union-find with hooking of roots and full path compression."""
-    h, w = mask.shape
-    index = np.arange(h * w).reshape(h, w)
-    pairs = []
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):  # each neighbour pair once
-        src = (slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
-        dst = (slice(dy, h), slice(max(0, dx), w + min(0, dx)))
-        both = mask[src] & mask[dst]
-        pairs.append((index[src][both], index[dst][both]))
-    left = np.concatenate([p[0] for p in pairs])
-    right = np.concatenate([p[1] for p in pairs])
-    parent = np.arange(h * w)
-    while True:
-        while True:  # compress: every node points at its root
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-        root_l, root_r = parent[left], parent[right]
-        differ = root_l != root_r
-        if not differ.any():
-            break
-        lo = np.minimum(root_l[differ], root_r[differ])
-        hi = np.maximum(root_l[differ], root_r[differ])
-        np.minimum.at(parent, hi, lo)  # hook the larger root under the smaller
-    return np.where(mask.ravel(), parent, -1).reshape(h, w)
+def _components(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.int32]:
+    """Label the 8-connected components of ``mask``: 0 off the mask, else 1, 2, ... in the
+    order of each component's first pixel in raster order (so by smallest flat index)."""
+    labels, _ = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    return np.asarray(labels, dtype=np.int32)
 
 
 def _classify_colour(rgb: npt.NDArray[np.float64], max_distance: float) -> Colour | None:
@@ -218,10 +198,16 @@ def find_regions(
     pixels = _as_array(image)
     h, w, _ = pixels.shape
     labels = _components(pixels.min(axis=2) < INK_THRESHOLD)
-    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+    counts = np.bincount(labels.ravel())
+    boxes = ndimage.find_objects(labels)  # boxes[i]: the slices around label i + 1
     regions = []
-    for label in ids[counts >= max(1.0, min_area * h * w)]:
-        ys, xs = np.nonzero(labels == label)
+    for label in np.flatnonzero(counts >= max(1.0, min_area * h * w)):
+        if label == 0:  # paper
+            continue
+        # Search only the component's bounding box; pixels stay in raster order.
+        rows, cols = boxes[label - 1]
+        ys, xs = np.nonzero(labels[rows, cols] == label)
+        ys, xs = ys + rows.start, xs + cols.start
         x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
         bw, bh = x1 - x0 + 1, y1 - y0 + 1
         fill = len(xs) / (bw * bh)
