@@ -1,11 +1,14 @@
 """The typed errors latentkit raises. Every one derives from `LatentkitError`.
 
-Errors about a bad argument also derive from `ValueError`, and errors about
-missing files from `FileNotFoundError`, so generic ``except`` clauses keep working.
+Errors about a bad argument also derive from `ValueError`, errors about missing files
+from `FileNotFoundError`, an output file that exists from `FileExistsError` and a NaN
+from `ArithmeticError`, so generic ``except`` clauses keep working. ``docs/errors.md``
+describes each and the limits behind them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 
@@ -41,12 +44,59 @@ class MissingComponentError(LatentkitError, FileNotFoundError):
 
 
 class PickleWeightsError(LatentkitError, ValueError):
-    """Only pickle weights (``.bin``/``.ckpt``) exist and ``allow_pickle=True`` was not given."""
+    """Pickle weights were refused: only pickle weights (``.bin``/``.ckpt``) exist and
+    ``allow_pickle=True`` was not given, or, with it, the file tried to import code (a
+    global other than tensors and plain containers), which ``weights_only`` loading refuses."""
 
 
-class WeightMismatchError(LatentkitError, ValueError):
-    """A weight file does not match the model its config describes (shape, missing or extra tensors)."""
+class ModelFileError(LatentkitError, ValueError):
+    """A file of a model exists but cannot be used; the message names the file and what is
+    wrong, and `path` holds it (None where the error is about a config given as a dict)."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+
+
+class CorruptFileError(ModelFileError):
+    """A model file is truncated or malformed: empty, not the format its name says, JSON that
+    does not parse or is not the object expected, a safetensors header that does not describe
+    the data that follows it (size, offsets, dtypes), a pickle that does not unpickle."""
+
+
+class InvalidConfigError(ModelFileError, InvalidArgumentError):
+    """A model config parses but a value is of the wrong type or out of range (zero channels,
+    a negative epsilon, a token id beyond the vocabulary); the message says what is valid.
+    Also an `InvalidArgumentError`: the config is the argument of a ``from_dict``."""
+
+
+class UnsafeFileError(ModelFileError):
+    """A model file reaches outside its model: a symlink that leaves the model folder, or a
+    config that would make a local model fetch files from the network."""
+
+
+class WeightMismatchError(ModelFileError):
+    """A weight file does not match the model its config describes (shape, dtype, missing or
+    extra tensors)."""
 
 
 class UnsupportedModelError(LatentkitError, ValueError):
     """A model config uses a feature latentkit does not implement (the message names it)."""
+
+
+class OutputPathError(InvalidArgumentError):
+    """An output file cannot be written where it was asked: the path is a folder, lies under
+    a file, is too long, is not writable, or the disk filled up while writing (`path`
+    holds it). Nothing is left behind: images are written to a temporary file and renamed."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path)
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """An output file exists and ``overwrite=True`` (``--overwrite``) was not given."""
+
+
+class NonFiniteError(LatentkitError, ArithmeticError):
+    """A computation gave NaN or infinity (the message says where, and what to try)."""

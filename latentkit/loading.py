@@ -4,14 +4,20 @@ Only the files the pipeline uses are fetched: ``model_index.json``, the configs,
 tokenizer files and one weight file per model component, of the chosen variant. Weights
 are safetensors unless the caller opts into pickle, which is then read with
 ``torch.load(weights_only=True)``. No code from a model repo is ever executed.
+
+Every file is checked before it is used (see `latentkit.readers` and
+`latentkit.models.config_checks`): a broken or hostile model raises a typed error naming
+the file at load time, a local folder is never left (no symlink out of it, no config that
+fetches from the network), and a Hub ``revision`` is checked before it names a path.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,13 +27,19 @@ from typing import Any
 import torch
 
 from latentkit.errors import (
+    CorruptFileError,
     InvalidArgumentError,
+    InvalidConfigError,
     MissingComponentError,
     ModelNotCachedError,
     ModelNotFoundError,
     PickleWeightsError,
+    UnsafeFileError,
+    UnsupportedModelError,
     WeightMismatchError,
 )
+from latentkit.models.config_checks import ConfigKind, check_config
+from latentkit.readers import FLOAT_DTYPES, read_json_object, safetensors_header
 
 logger = logging.getLogger("latentkit")
 
@@ -56,6 +68,15 @@ CONFIG_FILES = {
     "scheduler": "scheduler/scheduler_config.json",
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_REVISION = re.compile(r"^[A-Za-z0-9_.\-/]{1,255}$")
+_VARIANT = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_CONFIG_KINDS: dict[str, ConfigKind] = {
+    "unet": "unet",
+    "vae": "vae",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder",
+    "scheduler": "scheduler",
+}
 
 
 @dataclass(frozen=True)
@@ -81,15 +102,22 @@ class ModelFiles:
         )
 
     def model_index(self) -> dict[str, Any]:
-        """The pipeline's ``model_index.json`` (component → [library, class])."""
-        data: dict[str, Any] = json.loads((self.root / "model_index.json").read_text())
-        return data
+        """The pipeline's ``model_index.json`` (component → [library, class]), checked to be
+        a JSON object (`CorruptFileError` otherwise)."""
+        return read_json_object(self.root / "model_index.json")
 
     def config(self, component: str) -> dict[str, Any]:
+        """The config file of ``component``, parsed and its values checked
+        (`latentkit.models.config_checks.check_config`): `MissingComponentError` if it is
+        absent, `CorruptFileError` if it is not a JSON object, `InvalidConfigError` naming
+        the file and key for a value of the wrong type or out of range."""
         path = self.root / CONFIG_FILES[component]
         if not path.is_file():
             raise MissingComponentError(f"{self.name}: missing {CONFIG_FILES[component]}")
-        data: dict[str, Any] = json.loads(path.read_text())
+        data = read_json_object(path)
+        kind = _CONFIG_KINDS.get(component)
+        if kind is not None:
+            check_config(kind, data, source=path)
         return data
 
 
@@ -194,8 +222,24 @@ def resolve(
     """Find (and if needed download) the files of the model ``source``.
 
     ``source`` is a local folder in the diffusers layout or a Hub repo id (``owner/name``).
+    Every file the pipeline will read is checked here, before any model is built: it must
+    lie inside the model's folder (after following symlinks), ``model_index.json`` and a
+    depth estimator's configs must be JSON objects that fetch nothing from the network, and
+    each safetensors header must describe its file exactly (`latentkit.readers`).
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"model must be a Hub repo id or a folder path, not {type(source).__name__}"
+        )
     name = os.fspath(source)
+    if not isinstance(name, str) or "\0" in name or not name.strip():
+        raise InvalidArgumentError(f"model must be a Hub repo id or a folder path, got {name!r}")
+    check_revision(revision)
+    if variant is not None and (not isinstance(variant, str) or not _VARIANT.match(variant)):
+        raise InvalidArgumentError(
+            f"variant must be a weight variant name such as 'fp16' (letters, digits, '_' and "
+            f"'-'), got {variant!r}"
+        )
     builtin = builtin_model(name)
     path = builtin or Path(name).expanduser()
     if builtin is not None and not builtin.is_dir():
@@ -203,9 +247,11 @@ def resolve(
             f"the built-in model {name} is not installed (expected {builtin})"
         )
     if path.is_dir():
-        files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
-        _, weights = select_files(files, variant=variant, allow_pickle=allow_pickle, name=name)
-        return ModelFiles.at(path, name, weights, variant)
+        files = _list_model_folder(path, name)
+        needed, weights = select_files(files, variant=variant, allow_pickle=allow_pickle, name=name)
+        model = ModelFiles.at(path, name, weights, variant)
+        check_model_files(model, needed, inside=_cache_repo_folder(path) or path, cached=False)
+        return model
     if path.exists():
         raise InvalidArgumentError(
             f"{name} is a file; latentkit loads a folder in the diffusers layout (or a Hub repo id)"
@@ -279,7 +325,9 @@ def _resolve_hub(
                         allow_patterns=needed,
                     )
                 )
-            return ModelFiles.at(folder, repo_id, weights, variant)
+            model = ModelFiles.at(folder, repo_id, weights, variant)
+            check_model_files(model, needed, inside=folder.parent.parent, cached=True)
+            return model
     cache = cache_dir or constants.HF_HUB_CACHE
     try:
         folder = Path(
@@ -296,12 +344,151 @@ def _resolve_hub(
             f"cannot be downloaded: {reason}. Connect and unset HF_HUB_OFFLINE to download it, "
             "or pass cache_dir= pointing at a cache that has it"
         ) from e
-    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    files = _list_model_folder(folder, repo_id)
     try:
-        _, weights = select_files(files, variant=variant, allow_pickle=allow_pickle, name=repo_id)
+        needed, weights = select_files(
+            files, variant=variant, allow_pickle=allow_pickle, name=repo_id
+        )
     except MissingComponentError as e:
         raise MissingComponentError(f"{e} in the cached copy ({folder}); {reason}") from e
-    return ModelFiles.at(folder, repo_id, weights, variant)
+    model = ModelFiles.at(folder, repo_id, weights, variant)
+    # A snapshot's files link to blobs two folders up, inside the repo's cache folder.
+    check_model_files(model, needed, inside=folder.parent.parent, cached=True)
+    return model
+
+
+def check_revision(revision: object) -> None:
+    """Refuse a ``revision`` that is not a branch, tag or commit name.
+
+    huggingface_hub joins a revision to cache paths (``refs/<revision>``,
+    ``snapshots/<commit>``), so ``"../../x"`` would read outside the cache: the name must be
+    made of letters, digits, ``_ - . /``, with no empty, ``.``-leading or ``..`` part.
+    """
+    if revision is None:
+        return
+    if not (
+        isinstance(revision, str)
+        and _REVISION.match(revision)
+        and not any(part == "" or part.startswith(".") for part in revision.split("/"))
+    ):
+        raise InvalidArgumentError(
+            "revision must be a branch, tag or commit of the repo (letters, digits and "
+            f"'_-./', no '..' or empty parts; e.g. 'main' or a 40-hex commit), got {revision!r}"
+        )
+
+
+def _list_model_folder(root: Path, name: str) -> list[str]:
+    """The files of a model folder at the two depths the diffusers layout uses (the root and
+    one folder down), as ``/``-separated paths relative to ``root``.
+
+    Not a recursive walk: ``load_pipeline("/")`` or a home folder must fail at once (no
+    ``model_index.json``), not after reading every folder below it.
+    """
+    found: list[str] = []
+    try:
+        with os.scandir(root) as entries:
+            top = sorted(entries, key=lambda e: e.name)
+        found = [e.name for e in top if e.is_file()]
+        if "model_index.json" not in found:
+            return found  # select_files says what is missing
+        for entry in top:
+            if entry.is_dir():
+                with os.scandir(entry.path) as inner:
+                    found += [f"{entry.name}/{e.name}" for e in inner if e.is_file()]
+    except OSError as e:
+        raise MissingComponentError(
+            f"{name}: cannot list the model folder {root}: {e.strerror or e}"
+        ) from e
+    return found
+
+
+def _cache_repo_folder(folder: Path) -> Path | None:
+    """The repo folder of a Hugging Face cache snapshot (``models--o--n/snapshots/<commit>``),
+    whose files link to blobs in that repo folder; None for any other folder."""
+    snapshots = folder.resolve().parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return snapshots.parent
+    return None
+
+
+def check_model_files(
+    files: ModelFiles, needed: Iterable[str], *, inside: Path, cached: bool
+) -> None:
+    """Check, before anything is built, the files a pipeline will read (``needed``, relative
+    to ``files.root``): each lies inside the folder ``inside`` once symlinks are followed
+    (`UnsafeFileError`), ``model_index.json`` is a JSON object, each safetensors header
+    describes its file exactly and each shard index is JSON (`CorruptFileError`), and a
+    depth estimator's config fetches nothing from the network (`UnsafeFileError`).
+
+    ``cached`` files are in the Hugging Face cache: the message then says what to delete
+    so that the next load downloads a broken file again.
+    """
+    boundary = inside.resolve()
+    for relative in needed:
+        path = files.root / relative
+        if not os.path.lexists(path):
+            continue  # select_files allowed it to be absent
+        real = path.resolve()
+        if not real.is_relative_to(boundary):
+            raise UnsafeFileError(
+                f"{path} links to {real}, outside the model folder {boundary}; latentkit reads "
+                "a model's files only from inside its folder (copy the file in to use it)",
+                path=path,
+            )
+    try:
+        files.model_index()
+        for paths in files.weights.values():
+            for path in paths:
+                if path.suffix == ".json":
+                    read_json_object(path)  # a shard index
+                elif path.suffix == ".safetensors":
+                    safetensors_header(path)
+    except CorruptFileError as e:
+        if not cached or e.path is None:
+            raise
+        blob = Path(e.path).resolve()
+        raise CorruptFileError(
+            f"{e} It is in the Hugging Face cache: delete {blob}"
+            + ("" if blob == Path(e.path) else f" and {e.path}")
+            + " to download it again",
+            path=e.path,
+        ) from e
+    if "depth_estimator" in files.weights:
+        _check_depth_estimator_config(files.root / DEPTH_ESTIMATOR_CONFIG)
+        read_json_object(files.root / DEPTH_PROCESSOR_CONFIG)
+
+
+def _check_depth_estimator_config(path: Path) -> None:
+    """transformers builds a DPT depth estimator's backbone from its config, and fetches it
+    from the Hub (ignoring ``local_files_only``) when the config names a ``backbone`` repo,
+    asks for pretrained backbone weights, or uses a timm backbone (timm downloads its own).
+    latentkit refuses those, so a model's files are all it ever reads."""
+    config = read_json_object(path)
+    model_type = config.get("model_type", "dpt")
+    if model_type != "dpt":
+        raise UnsupportedModelError(
+            f"{path}: model_type={model_type!r}; latentkit reads DPT depth estimators ('dpt')"
+        )
+    backbone = config.get("backbone_config")
+    if backbone is not None and not isinstance(backbone, dict):
+        raise InvalidConfigError(
+            f"{path}: backbone_config must be a JSON object or null, got {backbone!r}", path=path
+        )
+    for where, settings in (("", config), ("backbone_config.", backbone or {})):
+        reaches = [
+            f"{where}{key}={settings[key]!r}"
+            for key in ("backbone", "use_pretrained_backbone")
+            if settings.get(key) not in (None, False, "")
+        ]
+        if settings.get("model_type") == "timm_backbone":
+            reaches.append(f"{where}model_type='timm_backbone'")
+        if reaches:
+            raise UnsafeFileError(
+                f"{path}: {', '.join(reaches)} would make transformers fetch a backbone from "
+                "the network; latentkit loads a depth estimator only from its own files "
+                "(describe the backbone inline in backbone_config, without a 'backbone' name)",
+                path=path,
+            )
 
 
 @contextmanager
@@ -342,24 +529,102 @@ def read_state_dict(
     ``rename`` maps a checkpoint key to the module's parameter name; a key it maps to None
     is skipped unread (a tensor the format carries that the module has no place for).
     Streaming keeps peak memory at the model's size plus one tensor.
+
+    A safetensors header is checked before any tensor is read (`latentkit.readers`), and
+    the dtypes of the tensors kept: `CorruptFileError` for a broken file,
+    `WeightMismatchError` for a weight that is not floating point (an int8/bool/int64
+    tensor would be loaded as garbage). Pickle weights (``allow_pickle=True``) are read with
+    ``torch.load(weights_only=True)``; one that tries to import code raises
+    `PickleWeightsError`, one that is corrupt `CorruptFileError`.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in paths:
         if path.suffix == ".json":
             continue  # a shard index; the shards follow
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    name = rename(key)
-                    if name is not None:
-                        yield name, _convert(f.get_tensor(key), device, dtype)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            for key, tensor in state.items():
-                name = rename(key)
-                if name is not None:
+            header = safetensors_header(path)
+            kept = {key: name for key in header if (name := rename(key)) is not None}
+            for key in kept:
+                if not header[key].is_float:
+                    raise _not_float(path, key, header[key].dtype)
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CorruptFileError(f"{path} cannot be opened: {e}", path=path) from e
+            with handle as f:
+                for key, name in kept.items():
+                    try:
+                        tensor = f.get_tensor(key)
+                    except (SafetensorError, OSError) as e:
+                        raise CorruptFileError(
+                            f"{path}: tensor {key!r} cannot be read: {e}", path=path
+                        ) from e
                     yield name, _convert(tensor, device, dtype)
+        else:
+            for key, value in _load_pickle(path).items():
+                name = rename(key)
+                if name is None:
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise WeightMismatchError(
+                        f"{path}: {key!r} holds a {type(value).__name__}, not a tensor", path=path
+                    )
+                if not value.is_floating_point():
+                    raise _not_float(path, key, str(value.dtype).removeprefix("torch."))
+                yield name, _convert(value, device, dtype)
+
+
+def _not_float(path: Path, key: str, dtype: str) -> WeightMismatchError:
+    return WeightMismatchError(
+        f"{path}: tensor {key!r} has dtype {dtype}; network weights are floating point "
+        f"({', '.join(sorted(FLOAT_DTYPES))})",
+        path=path,
+    )
+
+
+_PICKLE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _load_pickle(path: Path) -> Mapping[str, Any]:
+    """A pickle weights file, read by ``torch.load(weights_only=True)`` (memory-mapped), as
+    a mapping of names to values, with every way that fails as a typed error."""
+    try:
+        zipped = zipfile.is_zipfile(path)
+    except OSError as e:
+        raise CorruptFileError(f"{path} cannot be read: {e.strerror or e}", path=path) from e
+    if not zipped:
+        # torch's legacy (before 1.6) format cannot be memory-mapped, and its storages are
+        # sized by the pickle alone, so a hostile one could make torch allocate at will.
+        raise CorruptFileError(
+            f"{path} is not a PyTorch zip checkpoint (torch.save since torch 1.6); latentkit "
+            "reads no other pickle format. Convert it to safetensors in a sandbox",
+            path=path,
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        if "Weights only load failed" not in message:
+            raise CorruptFileError(f"{path} is not a valid pickle: {message}", path=path) from e
+        found = _PICKLE_GLOBAL.search(message)
+        tried = f"import {found.group(1)}" if found else "run code"
+        raise PickleWeightsError(
+            f"{path} tried to {tried} while it was unpickled; weights never do, so it was "
+            "refused (weights_only loading ran none of it). It may be malicious: use this "
+            "model's safetensors weights instead",
+        ) from e
+    except Exception as e:  # the zip reader, a truncated pickle: RuntimeError, EOFError, ...
+        reason = str(e).split("\n")[0]
+        raise CorruptFileError(
+            f"{path} is not a valid PyTorch checkpoint ({type(e).__name__}: {reason})", path=path
+        ) from e
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise CorruptFileError(
+            f"{path} holds a {type(state).__name__}, not a mapping of tensor names to tensors",
+            path=path,
+        )
+    return state
 
 
 def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError, UnsupportedModelError
+from latentkit.models.config_checks import check_config
 from latentkit.models.layers import (
     Conv2d,
     DownBlock,
@@ -85,6 +86,7 @@ class AutoencoderKLConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> AutoencoderKLConfig:
         """Parse a diffusers AutoencoderKL config, raising `UnsupportedModelError` for any
         setting latentkit does not implement (other block types, ``shift_factor``, ...)."""
+        check_config("vae", d)  # types and ranges first: InvalidConfigError, not a TypeError
         channels = tuple(int(c) for c in d.get("block_out_channels", cls.block_out_channels))
         for key, supported in (
             ("down_block_types", "DownEncoderBlock2D"),

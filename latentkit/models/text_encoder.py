@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError, UnsupportedModelError
+from latentkit.models.config_checks import check_config
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -123,6 +124,7 @@ class CLIPTextConfig:
         """Parse transformers' ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` config,
         raising `UnsupportedModelError` for another kind of model (a full CLIP config, another
         activation, ...)."""
+        check_config("text_encoder", d)  # types and ranges first: InvalidConfigError, not a TypeError
         model_type = d.get("model_type", "clip_text_model")
         if model_type != "clip_text_model":
             raise UnsupportedModelError(

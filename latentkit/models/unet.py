@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError, UnsupportedModelError
+from latentkit.models.config_checks import check_config
 from latentkit.models.layers import (
     Conv2d,
     DownBlock,
@@ -223,6 +224,7 @@ class UNetConfig:
         """Parse a diffusers UNet config, raising `UnsupportedModelError` for any setting
         that would make the network differ from a Stable Diffusion 1.x/2.x/XL UNet (LCM's
         ``time_cond_proj_dim``, Kandinsky's ``addition_embed_type``, other block types, ...)."""
+        check_config("unet", d)  # types and ranges first: InvalidConfigError, not a TypeError
         for key, supported in _FIXED_KEYS.items():
             value = d.get(key, supported)
             # diffusers also takes the flags per block, e.g. `only_cross_attention: [false, ...]`
