@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "schedulers", help="list the registered schedulers, each with its A1111 sampler labels"
     )
+    _batch_parser(sub)
     return parser
 
 
@@ -141,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in listed:
                 print(f"{name:<{width}}{', '.join(schedulers.aliases(name))}".rstrip())
             return 0
+        if args.command == "batch":
+            return _batch(args)
         return _generate(args)
     except LatentkitError as e:
         print(f"latentkit: error: {e}", file=sys.stderr)
@@ -207,6 +210,65 @@ def _generate(args: argparse.Namespace) -> int:
     for path in result.save(output, overwrite=args.overwrite):
         print(path)
     return 0
+
+
+def _batch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    batch = sub.add_parser(
+        "batch",
+        help="generate every row of a jobs file (JSON Lines or CSV); rerun to resume",
+        description="Generate every row of a jobs file into OUTDIR (<id>.png and "
+        "manifest.jsonl); rows already done there are skipped. Exit status 1 if a row failed.",
+    )
+    batch.add_argument("jobs", type=Path, help="JSON Lines file (or CSV with a prompt column)")
+    batch.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    batch.add_argument("--model", default=None, help="model of rows that name none")
+    batch.add_argument("--engine", choices=["local", "ray"], default="local")
+    batch.add_argument("--workers", type=int, default=None, help="Ray actors")
+    batch.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join ('auto'); default: a local one"
+    )
+    batch.add_argument(
+        "--seed", type=int, default=0, help="run seed: rows without a seed derive theirs from it"
+    )
+    batch.add_argument(
+        "--batch-size", type=int, default=1, help="rows sharing settings per generate call"
+    )
+    batch.add_argument("--max-retries", type=int, default=3, help="Ray: reruns of a dead row")
+    batch.add_argument("--cpus-per-worker", type=int, default=1, help="Ray: CPUs of a CPU actor")
+    batch.add_argument("--device", default="auto")
+    batch.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _batch(args: argparse.Namespace) -> int:
+    import os
+
+    if args.engine == "ray" and args.ray_address is None and "ray" not in sys.modules:
+        # The one-node cluster this command starts listens on loopback only (read by Ray
+        # when it is imported); a cluster joined with --ray-address is left as it is.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from latentkit import batch
+
+    summary = batch.run(
+        args.jobs,
+        output_dir=args.output,
+        model=args.model,
+        engine=args.engine,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        max_retries=args.max_retries,
+        cpus_per_worker=args.cpus_per_worker,
+        progress=not args.quiet,
+    )
+    print(
+        f"done {summary.done}, skipped {summary.skipped}, failed {summary.failed} "
+        f"({summary.images} images in {summary.seconds:.1f} s); manifest: {summary.manifest}"
+    )
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":
