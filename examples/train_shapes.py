@@ -385,8 +385,8 @@ def main() -> None:
         unet = UNet2DCondition(UNetConfig.from_dict(UNET_CONFIG)).to(device)
     else:
         tokenizer, text_encoder, unet = (
-            resumed.text.tokenizer,
-            resumed.text.text_encoder,
+            resumed.text[0].tokenizer,
+            resumed.text[0].text_encoder,
             resumed.unet,
         )
         unet.requires_grad_(True)

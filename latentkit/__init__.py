@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from latentkit import conditioners, schedulers
+from latentkit import conditioners, pipelines, schedulers
 from latentkit.api import clear_cache, generate, load_pipeline
 from latentkit.errors import (
     InvalidArgumentError,
@@ -22,8 +22,9 @@ from latentkit.errors import (
 )
 from latentkit.models.autoencoder import Tiling
 from latentkit.performance import Performance
-from latentkit.pipeline import StableDiffusion
+from latentkit.pipelines import Family, LatentDiffusion
 from latentkit.protocols import Autoencoder, Conditioner, Denoiser, Pipeline, SamplerStep, Scheduler
+from latentkit.request import Request
 from latentkit.results import GenerationParameters, GenerationResult
 
 __version__ = "0.1.0"
@@ -32,9 +33,11 @@ __all__ = [
     "Autoencoder",
     "Conditioner",
     "Denoiser",
+    "Family",
     "GenerationParameters",
     "GenerationResult",
     "InvalidArgumentError",
+    "LatentDiffusion",
     "LatentkitError",
     "MissingComponentError",
     "ModelNotCachedError",
@@ -42,9 +45,9 @@ __all__ = [
     "Performance",
     "PickleWeightsError",
     "Pipeline",
+    "Request",
     "SamplerStep",
     "Scheduler",
-    "StableDiffusion",
     "Tiling",
     "UnknownNameError",
     "UnsupportedModelError",
@@ -53,5 +56,6 @@ __all__ = [
     "conditioners",
     "generate",
     "load_pipeline",
+    "pipelines",
     "schedulers",
 ]

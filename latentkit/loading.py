@@ -49,12 +49,14 @@ WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
     "depth_estimator": "model",
 }
 PICKLE_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "pytorch_model",
+    "text_encoder_2": "pytorch_model",
     "depth_estimator": "pytorch_model",
 }
 # Depth-to-image repos (Stable Diffusion 2 depth) carry their own depth estimator and its
@@ -65,8 +67,12 @@ CONFIG_FILES = {
     "unet": "unet/config.json",
     "vae": "vae/config.json",
     "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
     "scheduler": "scheduler/scheduler_config.json",
 }
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+"""Text encoder components and their tokenizers' folders (SDXL has both; its refiner and
+SD 1.x/2.x one of them)."""
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _REVISION = re.compile(r"^[A-Za-z0-9_.\-/]{1,255}$")
 _VARIANT = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -136,10 +142,21 @@ def select_files(
         raise MissingComponentError(
             f"{name}: no model_index.json; latentkit loads models in the diffusers folder layout"
         )
-    needed = ["model_index.json", *CONFIG_FILES.values()]
-    needed += sorted(f for f in available if f.startswith("tokenizer/") and f.count("/") == 1)
+    # The text encoders the folder has (an SDXL refiner has only the second), with their
+    # configs and tokenizer files; the other components are always needed.
+    encoders = [e for e in TEXT_ENCODERS if CONFIG_FILES[e] in available]
+    if not encoders:
+        raise MissingComponentError(f"{name}: missing text_encoder/config.json")
+    configs = [f for c, f in CONFIG_FILES.items() if c not in TEXT_ENCODERS or c in encoders]
+    needed = ["model_index.json", *configs]
+    for encoder in encoders:
+        folder = TEXT_ENCODERS[encoder] + "/"
+        tokenizer = sorted(f for f in available if f.startswith(folder) and f.count("/") == 1)
+        if not tokenizer:
+            raise MissingComponentError(f"{name}: missing the {folder} folder")
+        needed += tokenizer
     weights: dict[str, list[str]] = {}
-    components = [c for c in WEIGHT_STEMS if c != "depth_estimator"]
+    components = ["unet", "vae", *encoders]
     if DEPTH_ESTIMATOR_CONFIG in available:
         components.append("depth_estimator")
         needed += [DEPTH_ESTIMATOR_CONFIG, DEPTH_PROCESSOR_CONFIG]
@@ -149,8 +166,6 @@ def select_files(
     for f in needed:
         if f not in available and not f.endswith(".safetensors"):
             raise MissingComponentError(f"{name}: missing {f}")
-    if not any(f.startswith("tokenizer/") for f in needed):
-        raise MissingComponentError(f"{name}: missing the tokenizer/ folder")
     return needed, weights
 
 

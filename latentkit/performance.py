@@ -23,7 +23,8 @@ from latentkit.models.layers import ATTENTION_BACKENDS, Attention, Conv2d, Upsam
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import Tiling
 
-UNetCall = Callable[[Tensor, Tensor, Tensor], Tensor]
+UNetCall = Callable[..., Tensor]
+"""``(x, t, context)`` or ``(x, t, context, vector)``: the UNet, eager, compiled or replayed."""
 
 _AUTOCAST_DTYPES = {
     "bf16": torch.bfloat16,
@@ -224,15 +225,19 @@ class Runtime:
             call = CudaGraphs(unet)
         self._unet_call = call
 
-    def unet(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """One UNet evaluation in the configured way, returned in ``x``'s dtype."""
+    def unet(self, x: Tensor, t: Tensor, context: Tensor, vector: Tensor | None = None) -> Tensor:
+        """One UNet evaluation in the configured way, returned in ``x``'s dtype; ``vector``
+        is added to the time embedding (SDXL), None for models without one."""
         assert self._unet_call is not None, "Runtime.prepare was not called"
         if self.channels_last("unet"):
             x = x.contiguous(memory_format=torch.channels_last)
         # One dtype for every sampler (some pass integer timesteps, some float): a compiled
         # graph is specialised on input dtypes, so this keeps it to one graph per shape.
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        out = self._unet_call(x, t, context)
+        # Positional, and `vector` only when there is one: a compiled or captured call then
+        # sees the same argument list on every step.
+        args = (x, t, context) if vector is None else (x, t, context, vector)
+        out = self._unet_call(*args)
         return out.to(x.dtype).contiguous()
 
     @contextlib.contextmanager
@@ -269,7 +274,7 @@ class Runtime:
 
 
 class CudaGraphs:
-    """Replay ``fn(x, t, context)`` from a CUDA graph captured once per input signature.
+    """Replay ``fn(x, t, context[, vector])`` from a CUDA graph captured once per input signature.
 
     The graph reads its inputs from static buffers, so each call copies the arguments in,
     replays, and returns a copy of the static output (the next replay overwrites it).
@@ -279,9 +284,9 @@ class CudaGraphs:
         self.fn = fn
         self.graphs: dict[tuple[Any, ...], tuple[Any, tuple[Tensor, ...], Tensor]] = {}
 
-    def __call__(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, *rest: Tensor) -> Tensor:
         t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
-        args = (x, t, context)
+        args = (x, t, *rest)
         key = tuple((a.shape, a.dtype, a.stride()) for a in args)
         if key not in self.graphs:
             static = tuple(a.clone() for a in args)

@@ -109,12 +109,16 @@ class Scheduler(Protocol):
         generator: Generators = None,
         start: int = 0,
         init: torch.Tensor | None = None,
+        resume: torch.Tensor | None = None,
     ) -> SamplerRun:
         """Sample from unit Gaussian ``noise``, yielding after every network evaluation.
 
         With ``init`` (clean latents, image-to-image), the run starts at position ``start`` of
         ``timesteps(steps)`` (see `start_index`) from ``noised(init, noise, steps=steps,
-        index=start)``, with fresh solver state; ``start`` must be 0 without ``init``.
+        index=start)``, with fresh solver state; with ``resume``, from ``resume`` itself: a
+        sample already at position ``start`` in this scheduler's state space (the second half
+        of a run handed over between models, ``denoising_start``). ``start`` must be 0
+        without either.
         The run is a `SamplerRun`: ``send`` a tensor to replace the sample between steps.
         """
         ...
@@ -176,21 +180,7 @@ class Pipeline(Protocol):
     """
 
     def generate(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        *,
-        negative_prompt: str | Sequence[str] | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-        scheduler: str | Scheduler | None = None,
-        seed: Seeds = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images: int = 1,
-        output_type: OutputType = "pil",
-        callback: Callback | None = None,
-        progress: bool = True,
+        self, prompt: str | Sequence[str] | None = None, **options: Any
     ) -> GenerationResult:
         """Generate images; see `latentkit.generate` for the keywords."""
         ...

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def depth(depth_path: Path) -> latentkit.StableDiffusion:
+def depth(depth_path: Path) -> latentkit.LatentDiffusion:
     return latentkit.load_pipeline(depth_path, device="cpu", progress=False)
 
 
@@ -210,4 +210,4 @@ def test_depth_map_on_a_model_without_depth_channels(sd1_path: Path) -> None:
 
 
 def test_conditioners_are_registered() -> None:
-    assert latentkit.conditioners.names() == ["depth", "mask", "text"]
+    assert latentkit.conditioners.names() == ["depth", "mask", "size-ids", "text"]

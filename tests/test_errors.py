@@ -23,14 +23,14 @@ def no_heavy_work(pipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("heavy work ran before the argument check")
 
     monkeypatch.setattr(type(pipe.unet), "forward", boom)
-    monkeypatch.setattr(type(pipe.text), "encode", boom)
+    monkeypatch.setattr(type(pipe.text[0]), "encode_tokens", boom)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         (dict(height=31), "height must be a positive multiple of 2"),
-        (dict(width=0), "width must be a positive multiple of 2"),
+        (dict(width=0), "width must be an int ≥ 1"),
         (dict(steps=0), "steps must be an int ≥ 1"),
         (dict(num_images=0), "num_images"),
         (dict(output_type="jpeg"), "output_type must be one of"),

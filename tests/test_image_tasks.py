@@ -50,12 +50,12 @@ def generators(seed: int | list[int]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def sd1(sd1_path: Path) -> latentkit.StableDiffusion:
+def sd1(sd1_path: Path) -> latentkit.LatentDiffusion:
     return latentkit.load_pipeline(sd1_path, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
-def inpaint(inpaint_path: Path) -> latentkit.StableDiffusion:
+def inpaint(inpaint_path: Path) -> latentkit.LatentDiffusion:
     return latentkit.load_pipeline(inpaint_path, device="cpu", progress=False)
 
 
@@ -252,11 +252,11 @@ def no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(image=picture(), strength=1.5), r"strength must be in \[0, 1\]"),
-        (dict(image=picture(), strength=-0.1), r"strength must be in \[0, 1\]"),
+        (dict(image=picture(), strength=1.5), r"strength must be a finite number in \[0, 1\]"),
+        (dict(image=picture(), strength=-0.1), r"strength must be a finite number in \[0, 1\]"),
         (dict(image=picture(), strength=0.01), "strength"),  # no step left
         (dict(mask_image=half_mask()), "mask_image needs image="),
-        (dict(strength=0.5), "pass image="),
+        (dict(strength=0.5), "needs image="),
         (dict(image="/no/such/picture.png"), "no image file"),
         (dict(image=42), "must be a PIL image"),
         (dict(image=np.full((8, 8, 3), 2.0)), r"\[0, 1\]"),

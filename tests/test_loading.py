@@ -300,8 +300,8 @@ def test_weights_are_not_randomly_initialised_first(
         spy_on(name)
     pipe = latentkit.load_pipeline(sd1_path, progress=False)
     assert calls == []
-    assert isinstance(pipe.text.text_encoder, CLIPTextEncoder)
-    for module in (pipe.unet, pipe.vae, pipe.text.text_encoder):
+    assert isinstance(pipe.text[0].text_encoder, CLIPTextEncoder)
+    for module in (pipe.unet, pipe.vae, pipe.text[0].text_encoder):
         assert not any(p.is_meta for p in module.parameters())
 
 

@@ -24,13 +24,13 @@ SIZE = 32
 REORDER_TOL = 1e-5  # float re-association only
 
 
-def load(path: Path, **options: Any) -> latentkit.StableDiffusion:
+def load(path: Path, **options: Any) -> latentkit.LatentDiffusion:
     return latentkit.load_pipeline(
         path, device="cpu", dtype="fp32", progress=False, performance=Performance(**options)
     )
 
 
-def images(pipe: latentkit.StableDiffusion, **kw: Any) -> np.ndarray:
+def images(pipe: latentkit.LatentDiffusion, **kw: Any) -> np.ndarray:
     kw = {"steps": 4, "seed": 3, "height": SIZE, "width": SIZE, **kw}
     result = pipe.generate(
         ["a red circle", "a blue square"], output_type="np", progress=False, **kw

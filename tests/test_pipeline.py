@@ -34,7 +34,7 @@ def reference(pipe: Any, seed: int | list[int], **kw: Any) -> np.ndarray:
     return np.asarray(out)
 
 
-def ours(pipe: latentkit.StableDiffusion, seed: int | list[int], **kw: Any) -> np.ndarray:
+def ours(pipe: latentkit.LatentDiffusion, seed: int | list[int], **kw: Any) -> np.ndarray:
     result = pipe.generate(
         seed=seed, output_type="np", height=SIZE, width=SIZE, progress=False, **kw
     )
@@ -42,12 +42,12 @@ def ours(pipe: latentkit.StableDiffusion, seed: int | list[int], **kw: Any) -> n
 
 
 @pytest.fixture(scope="module")
-def sd1(sd1_path: Path) -> latentkit.StableDiffusion:
+def sd1(sd1_path: Path) -> latentkit.LatentDiffusion:
     return latentkit.load_pipeline(sd1_path, device="cpu", dtype="fp32", progress=False)
 
 
 @pytest.fixture(scope="module")
-def sd2(sd2_path: Path) -> latentkit.StableDiffusion:
+def sd2(sd2_path: Path) -> latentkit.LatentDiffusion:
     return latentkit.load_pipeline(sd2_path, device="cpu", dtype="fp32", progress=False)
 
 

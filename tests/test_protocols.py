@@ -1,5 +1,5 @@
 """The built-in components are instances of the public protocols (mypy checks the signatures
-statically, in latentkit/pipeline.py; this checks the runtime view third parties rely on)."""
+statically, in latentkit/pipelines/base.py; this checks the runtime view third parties rely on)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_builtins_satisfy_protocols(sd1_path: Path) -> None:
     pipe = latentkit.load_pipeline(sd1_path, device="cpu", progress=False)
     assert isinstance(pipe, Pipeline)
     assert isinstance(pipe.vae, Autoencoder)
-    assert isinstance(pipe.text, Conditioner)
+    assert all(isinstance(t, Conditioner) for t in pipe.text)
     for name in latentkit.schedulers.names():
         assert isinstance(latentkit.schedulers.create(name), Scheduler)
 

@@ -79,8 +79,8 @@ def tiny_parts() -> dict[str, Any]:
     )
 
 
-def in_memory(parts: dict[str, Any]) -> latentkit.StableDiffusion:
-    return latentkit.StableDiffusion(
+def in_memory(parts: dict[str, Any]) -> latentkit.LatentDiffusion:
+    return latentkit.LatentDiffusion(
         unet=parts["unet"],
         vae=parts["vae"],
         text=TextConditioner(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"]),
@@ -92,7 +92,7 @@ def in_memory(parts: dict[str, Any]) -> latentkit.StableDiffusion:
     )
 
 
-def images(pipe: latentkit.StableDiffusion) -> np.ndarray:
+def images(pipe: latentkit.LatentDiffusion) -> np.ndarray:
     result = pipe.generate(
         PROMPT, seed=7, steps=4, height=SIZE, width=SIZE, output_type="np", progress=False
     )
@@ -139,7 +139,7 @@ def test_layout(saved: Path) -> None:
 
 def test_loads_back_to_identical_images(expected: np.ndarray, saved: Path) -> None:
     loaded = latentkit.load_pipeline(saved, device="cpu", dtype="fp32", progress=False)
-    assert loaded.text.window == 16
+    assert loaded.text[0].window == 16
     np.testing.assert_array_equal(images(loaded), expected)
 
 

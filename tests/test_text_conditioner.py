@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def pipe(sd1_path: Path) -> latentkit.StableDiffusion:
+def pipe(sd1_path: Path) -> latentkit.LatentDiffusion:
     return latentkit.load_pipeline(sd1_path, device="cpu", progress=False)
 
 
@@ -58,11 +58,11 @@ def test_parse_emphasis(prompt: str, runs: list[tuple[str, float]]) -> None:
 
 def test_plain_prompt_encodes_exactly_as_diffusers(pipe: Any, reference: Any) -> None:
     prompts = ["a photo of a red cat", ""]
-    ours = pipe.text.encode(prompts, device=CPU, dtype=torch.float32)
+    ours = pipe.text[0].encode(prompts, device=CPU, dtype=torch.float32)
     theirs, _ = reference.encode_prompt(prompts, CPU, 1, False)
     assert ours.shape == theirs.shape == (2, 77, 32)
     assert torch.equal(ours, theirs)
-    tokens = pipe.text.tokenize(prompts)
+    tokens = pipe.text[0].tokenize(prompts)
     expected = reference.tokenizer(
         prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     )
@@ -73,31 +73,31 @@ def test_plain_prompt_encodes_exactly_as_diffusers(pipe: Any, reference: Any) ->
 def test_clip_skip_is_the_earlier_layer_through_the_final_norm(pipe: Any, reference: Any) -> None:
     # diffusers' own clip_skip path reads `text_encoder.text_model`, which transformers 5
     # removed, so compare with its definition on the reference encoder directly.
-    tokens = pipe.text.tokenize(["a red cat"])
-    ours = pipe.text.embed(tokens, device=CPU, dtype=torch.float32, clip_skip=1)
+    tokens = pipe.text[0].tokenize(["a red cat"])
+    ours = pipe.text[0].embed(tokens, device=CPU, dtype=torch.float32, clip_skip=1)
     encoder = reference.text_encoder
     states = encoder(tokens.ids[:, 0], output_hidden_states=True).hidden_states
     theirs = getattr(encoder, "text_model", encoder).final_layer_norm(states[-2])
     assert torch.equal(ours, theirs)
-    assert not torch.equal(ours, pipe.text.embed(tokens, device=CPU, dtype=torch.float32))
+    assert not torch.equal(ours, pipe.text[0].embed(tokens, device=CPU, dtype=torch.float32))
     with pytest.raises(latentkit.InvalidArgumentError, match="clip_skip"):
-        pipe.text.embed(tokens, device=CPU, dtype=torch.float32, clip_skip=5)
+        pipe.text[0].embed(tokens, device=CPU, dtype=torch.float32, clip_skip=5)
 
 
 def test_long_prompt_is_chunked_not_cut(pipe: Any) -> None:
     words = "cat " * 100  # 100 tokens: two chunks of at most 75
-    tokens = pipe.text.tokenize([words, "cat"])
+    tokens = pipe.text[0].tokenize([words, "cat"])
     assert tokens.chunks == 2
     ids = tokens.ids
-    start, end = pipe.text.tokenizer.bos_token_id, pipe.text.tokenizer.eos_token_id
+    start, end = pipe.text[0].tokenizer.bos_token_id, pipe.text[0].tokenizer.eos_token_id
     assert (ids[:, :, 0] == start).all()
     assert int(tokens.mask[0].sum()) == 100 + 4  # every token kept, plus start/end per chunk
     assert ids[0, 0, 76] == end and ids[0, 1, 26] == end
     # The short prompt's second chunk encodes the empty prompt.
-    assert torch.equal(ids[1, 1], pipe.text.tokenize([""]).ids[0, 0])
-    hidden = pipe.text.encode([words], device=CPU, dtype=torch.float32)
+    assert torch.equal(ids[1, 1], pipe.text[0].tokenize([""]).ids[0, 0])
+    hidden = pipe.text[0].encode([words], device=CPU, dtype=torch.float32)
     assert hidden.shape == (1, 154, 32)
-    first = pipe.text.encode([" ".join(["cat"] * 75)], device=CPU, dtype=torch.float32)
+    first = pipe.text[0].encode([" ".join(["cat"] * 75)], device=CPU, dtype=torch.float32)
     assert torch.equal(hidden[:, :77], first)
 
 
@@ -114,12 +114,12 @@ def test_long_prompt_generates_and_text_past_77_tokens_matters(pipe: Any) -> Non
 
 
 def test_emphasis_scales_tokens_and_keeps_the_mean(pipe: Any) -> None:
-    plain = pipe.text.encode(["a red cat"], device=CPU, dtype=torch.float32)
+    plain = pipe.text[0].encode(["a red cat"], device=CPU, dtype=torch.float32)
     assert torch.equal(
-        pipe.text.encode(["a (red:1.0) cat"], device=CPU, dtype=torch.float32), plain
+        pipe.text[0].encode(["a (red:1.0) cat"], device=CPU, dtype=torch.float32), plain
     )
-    weighted = pipe.text.encode(["a (red:1.5) cat"], device=CPU, dtype=torch.float32)
-    tokens = pipe.text.tokenize(["a (red:1.5) cat"])
+    weighted = pipe.text[0].encode(["a (red:1.5) cat"], device=CPU, dtype=torch.float32)
+    tokens = pipe.text[0].tokenize(["a (red:1.5) cat"])
     scaled = tokens.weights[0, 0] == 1.5
     assert int(scaled.sum()) >= 1
     assert torch.allclose(weighted.mean(), plain.mean(), atol=1e-6)
@@ -134,8 +134,8 @@ def test_prompt_embeds_equal_the_prompt(pipe: Any) -> None:
     kw: dict[str, Any] = dict(
         steps=2, seed=3, output_type="np", progress=False, height=32, width=32
     )
-    embeds = pipe.text.encode(["a red cat"], device=CPU, dtype=torch.float32)
-    negative = pipe.text.encode(["blurry"], device=CPU, dtype=torch.float32)
+    embeds = pipe.text[0].encode(["a red cat"], device=CPU, dtype=torch.float32)
+    negative = pipe.text[0].encode(["blurry"], device=CPU, dtype=torch.float32)
     a = pipe.generate("a red cat", negative_prompt="blurry", **kw).images[0]
     b = pipe.generate(prompt_embeds=embeds, negative_prompt_embeds=negative, **kw).images[0]
     c = pipe.generate(prompt_embeds=embeds, negative_prompt="blurry", **kw).images[0]

@@ -288,7 +288,7 @@ def test_pipeline_loads_our_encoder_and_refuses_a_wrong_shape(
     sd1_path: Path, tmp_path: Path
 ) -> None:
     pipe = latentkit.load_pipeline(sd1_path, device="cpu", progress=False)
-    assert isinstance(pipe.text.text_encoder, CLIPTextEncoder)
+    assert isinstance(pipe.text[0].text_encoder, CLIPTextEncoder)
     folder = shutil.copytree(sd1_path, tmp_path / "m")
     config = json.loads((folder / "text_encoder" / "config.json").read_text())
     config["intermediate_size"] = 36
@@ -304,14 +304,14 @@ def test_saved_encoder_loads_in_transformers_and_diffusers(sd1_path: Path, tmp_p
     from transformers import CLIPTextModel
 
     pipe = latentkit.load_pipeline(sd1_path, device="cpu", progress=False)
-    encoder = pipe.text.text_encoder
+    encoder = pipe.text[0].text_encoder
     assert isinstance(encoder, CLIPTextEncoder)
     saved = save_pipeline(
         tmp_path / "saved",
         unet=pipe.unet,
         vae=pipe.vae,
         text_encoder=encoder,
-        tokenizer=pipe.text.tokenizer,
+        tokenizer=pipe.text[0].tokenizer,
         scheduler=pipe.scheduler,
     )
     index = json.loads((saved / "model_index.json").read_text())
@@ -324,7 +324,7 @@ def test_saved_encoder_loads_in_transformers_and_diffusers(sd1_path: Path, tmp_p
     ]
 
     reference = CLIPTextModel.from_pretrained(str(saved / "text_encoder")).eval()
-    ids = pipe.text.tokenize(["a photo of a red cat", ""]).ids[:, 0]
+    ids = pipe.text[0].tokenize(["a photo of a red cat", ""]).ids[:, 0]
     with torch.no_grad():
         theirs = reference(ids, output_hidden_states=True)
         ours = encoder(ids, output_hidden_states=True)
@@ -338,8 +338,8 @@ def test_saved_encoder_loads_in_transformers_and_diffusers(sd1_path: Path, tmp_p
     cpu = torch.device("cpu")
     loaded = latentkit.load_pipeline(saved, device="cpu", progress=False)
     prompts = ["a photo of a red cat", ""]
-    expected = pipe.text.encode(prompts, device=cpu, dtype=torch.float32)
-    assert torch.equal(loaded.text.encode(prompts, device=cpu, dtype=torch.float32), expected)
+    expected = pipe.text[0].encode(prompts, device=cpu, dtype=torch.float32)
+    assert torch.equal(loaded.text[0].encode(prompts, device=cpu, dtype=torch.float32), expected)
     other: Any = diffusers.StableDiffusionPipeline.from_pretrained(str(saved))
     embeds, _ = other.encode_prompt(prompts, cpu, 1, False)
     assert torch.equal(embeds, expected)

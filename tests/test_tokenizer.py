@@ -452,7 +452,7 @@ def test_loading_a_pipeline_imports_no_transformers() -> None:
     code = (
         "import sys, latentkit\n"
         "pipe = latentkit.load_pipeline('latentkit/shapes', device='cpu', progress=False)\n"
-        "assert pipe.text.tokenize(['a red circle']).ids.shape[-1] == 16\n"
+        "assert pipe.text[0].tokenize(['a red circle']).ids.shape[-1] == 16\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'tokenizers', 'regex')))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -464,9 +464,9 @@ def test_loading_a_pipeline_imports_no_transformers() -> None:
 
 def test_the_pipeline_tokenizer_is_latentkits() -> None:
     pipe = latentkit.load_pipeline("latentkit/shapes", device="cpu", progress=False)
-    assert isinstance(pipe.text.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.text[0].tokenizer, CLIPTokenizer)
     prompts = ["a red circle left of a blue square", ""]
     expected = reference(SHAPES)(
         prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
     )
-    assert torch.equal(pipe.text.tokenize(prompts).ids[:, 0], expected.input_ids)
+    assert torch.equal(pipe.text[0].tokenize(prompts).ids[:, 0], expected.input_ids)

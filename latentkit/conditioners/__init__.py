@@ -29,6 +29,7 @@ def names() -> list[str]:
 
 from latentkit.conditioners.depth import DepthConditioner, DepthInput  # noqa: E402
 from latentkit.conditioners.mask import MaskConditioner, MaskedImage  # noqa: E402
+from latentkit.conditioners.size import SizeConditioner  # noqa: E402
 from latentkit.conditioners.text import TextConditioner  # noqa: E402
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "DepthInput",
     "MaskConditioner",
     "MaskedImage",
+    "SizeConditioner",
     "TextConditioner",
     "names",
     "register",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -82,6 +82,21 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
         else:
             merged.append((text, weight))
     return merged or [("", 1.0)]
+
+
+TextLayer = Literal["last", "penultimate"]
+"""Which hidden states condition the UNet: the last layer's through the final layer norm
+(SD 1.x/2.x) or the penultimate layer's without it (SDXL)."""
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """What text encoders give the denoiser: per-token states and a pooled vector."""
+
+    hidden: torch.Tensor
+    """(B, tokens, D): the cross-attention context."""
+    pooled: torch.Tensor | None = None
+    """(B, P): the projected end-token embedding (SDXL's ``text_embeds``), if the encoder has one."""
 
 
 @dataclass(frozen=True)
@@ -170,11 +185,30 @@ class TextConditioner:
         device: torch.device,
         dtype: torch.dtype,
         clip_skip: int | None = None,
+        layer: TextLayer = "last",
     ) -> torch.Tensor:
-        """Hidden states (B, window × chunks, D) of tokenized prompts.
+        """Hidden states (B, window × chunks, D) of tokenized prompts (see `encode_tokens`)."""
+        return self.encode_tokens(
+            tokens, device=device, dtype=dtype, clip_skip=clip_skip, layer=layer
+        ).hidden
 
-        ``clip_skip=k`` takes the hidden states ``k`` layers before the last, through the
-        final layer norm (the convention of A1111 and diffusers; 1 = the penultimate layer).
+    def encode_tokens(
+        self,
+        tokens: PromptTokens,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        clip_skip: int | None = None,
+        layer: TextLayer = "last",
+    ) -> TextEmbeddings:
+        """Hidden states (B, window × chunks, D) and, for an encoder with a projection, the
+        pooled embedding (B, P) of each prompt's first chunk.
+
+        ``layer="last"`` (SD 1.x/2.x): the last layer's states through the final layer norm;
+        ``clip_skip=k`` takes the states ``k`` layers before the last, through the final
+        layer norm (A1111's and diffusers' convention; 1 = the penultimate layer).
+        ``layer="penultimate"`` (SDXL, Podell et al. 2023 sec. 2.1): the penultimate layer's
+        states without the final norm; ``clip_skip=k`` goes ``k`` layers further back.
         """
         batch, count, window = tokens.ids.shape
         ids = tokens.ids.reshape(batch * count, window).to(device)
@@ -183,19 +217,30 @@ class TextConditioner:
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.mask.reshape(batch * count, window).to(device)
-        if clip_skip is None:
-            hidden: torch.Tensor = self.text_encoder(ids, attention_mask=mask)[0]
+        layers = self.text_encoder.config.num_hidden_layers
+        skip = 0 if clip_skip is None else clip_skip
+        first = 2 if layer == "penultimate" else 1  # hidden_states[-first] without clip_skip
+        if not isinstance(skip, int) or isinstance(skip, bool) or not 0 <= skip <= layers - first:
+            raise InvalidArgumentError(
+                f"clip_skip must be an int in [0, {layers - first}] for this text encoder, "
+                f"got {clip_skip!r}"
+            )
+        back = skip + first
+        if layer == "last" and clip_skip is None:
+            out = self.text_encoder(ids, attention_mask=mask)
+            hidden: torch.Tensor = out[0]
         else:
-            layers = self.text_encoder.config.num_hidden_layers
-            if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
-                raise InvalidArgumentError(
-                    f"clip_skip must be an int in [0, {layers - 1}] for this text encoder, got {clip_skip!r}"
-                )
             out = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True)
-            # latentkit's encoder and transformers 4's CLIPTextModel nest the layers in
-            # .text_model (the checkpoints' key prefix); transformers 5's has them at the top.
-            core: Any = getattr(self.text_encoder, "text_model", self.text_encoder)
-            hidden = core.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+            hidden = out.hidden_states[-back]
+            if layer == "last":
+                # latentkit's encoder and transformers 4's CLIPTextModel nest the layers in
+                # .text_model (the checkpoints' key prefix); transformers 5's has them at the top.
+                core: Any = getattr(self.text_encoder, "text_model", self.text_encoder)
+                hidden = core.final_layer_norm(hidden)
+        pooled = getattr(out, "text_embeds", None)
+        if pooled is not None:
+            # One pooled vector per prompt: the first chunk's (A1111 does the same).
+            pooled = pooled.reshape(batch, count, -1)[:, 0].to(dtype=dtype, device=device)
         hidden = hidden.to(dtype=dtype, device=device)
         weights = tokens.weights.reshape(batch * count, window, 1)
         if not torch.all(weights == 1):
@@ -205,7 +250,11 @@ class TextConditioner:
             before = hidden.mean(dim=(1, 2), keepdim=True)
             hidden = hidden * weights
             hidden = hidden * (before / hidden.mean(dim=(1, 2), keepdim=True))
-        return hidden.reshape(batch, count * window, -1)
+        return TextEmbeddings(hidden=hidden.reshape(batch, count * window, -1), pooled=pooled)
+
+    def chunks(self, prompts: Sequence[str]) -> int:
+        """How many window chunks the longest of ``prompts`` needs."""
+        return self.tokenize(prompts).chunks
 
     def _tokens_and_weights(self, prompt: str) -> tuple[list[int], list[float]]:
         tokens: list[int] = []
@@ -217,3 +266,31 @@ class TextConditioner:
             tokens += ids
             weights += [weight] * len(ids)
         return tokens, weights
+
+
+def encode_prompts(
+    encoders: Sequence[TextConditioner],
+    prompts: Sequence[Sequence[str]],
+    *,
+    chunks: int,
+    layer: TextLayer,
+    clip_skip: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> TextEmbeddings:
+    """Encode ``prompts[i]`` with ``encoders[i]`` in ``chunks`` chunks each and concatenate the
+    hidden states along the width (SDXL: CLIP ViT-L's 768 then OpenCLIP bigG's 1280, Podell
+    et al. 2023 sec. 2.1); the pooled vector is the last encoder's."""
+    hidden = []
+    pooled = None
+    for encoder, texts in zip(encoders, prompts, strict=True):
+        out = encoder.encode_tokens(
+            encoder.tokenize(texts, chunks=chunks),
+            device=device,
+            dtype=dtype,
+            clip_skip=clip_skip,
+            layer=layer,
+        )
+        hidden.append(out.hidden)
+        pooled = out.pooled
+    return TextEmbeddings(hidden=torch.cat(hidden, dim=-1), pooled=pooled)

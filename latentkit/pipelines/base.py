@@ -1,0 +1,888 @@
+"""The loop every family shares: request → conditioning → start latents → sampling → pixels.
+
+Rombach et al. 2022: the denoiser runs in the autoencoder's latent space (sec. 3.2) and is
+steered by cross-attention to the text embeddings (sec. 3.3, eq. 3); classifier-free guidance
+(Ho & Salimans 2022, eq. 6) mixes conditional and unconditional predictions. What differs
+between families (SD 1.x/2.x, SDXL) is declared in `latentkit.pipelines.family.Family`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from latentkit import images, schedulers
+from latentkit.conditioners.depth import DepthConditioner, DepthInput
+from latentkit.conditioners.mask import MaskConditioner, MaskedImage
+from latentkit.conditioners.text import TextConditioner, TextEmbeddings, encode_prompts
+from latentkit.devices import resolve_device, resolve_dtype
+from latentkit.errors import InvalidArgumentError, MissingComponentError, UnsupportedModelError
+from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
+from latentkit.noise import first_generator, randn
+from latentkit.performance import Performance, Runtime
+from latentkit.pipelines.family import Family
+from latentkit.pipelines.sd import StableDiffusionFamily
+from latentkit.protocols import Generators, Scheduler, Seeds
+from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int
+from latentkit.results import GenerationParameters, GenerationResult, to_output
+from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
+from latentkit.tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from latentkit.models.autoencoder import AutoencoderKL
+    from latentkit.models.unet import UNet2DCondition
+
+
+logger = logging.getLogger("latentkit")
+
+DEFAULT_STEPS = 50
+"""Denoising steps when neither the caller nor the model says (diffusers' default)."""
+
+TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+"""The text encoders a model folder may have, in the order their states are concatenated."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on, by where it enters (not by tensor rank)."""
+
+    context: torch.Tensor
+    """(B, tokens, D): cross-attention context."""
+    vector: torch.Tensor | None = None
+    """(B, V): added to the time embedding (SDXL's pooled text and size ids)."""
+
+    @staticmethod
+    def guided(uncond: Conditioning, cond: Conditioning) -> Conditioning:
+        """Both branches in one batch, unconditional first (as diffusers batches them)."""
+        vector = None
+        if cond.vector is not None and uncond.vector is not None:
+            vector = torch.cat([uncond.vector, cond.vector])
+        return Conditioning(torch.cat([uncond.context, cond.context]), vector)
+
+    def repeat(self, times: int) -> Conditioning:
+        """Each row ``times`` times in a row (``num_images`` per prompt)."""
+        vector = None if self.vector is None else self.vector.repeat_interleave(times, dim=0)
+        return Conditioning(self.context.repeat_interleave(times, dim=0), vector)
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """The image inputs of one call, read and resized (see `latentkit.images`)."""
+
+    pixels: torch.Tensor | None
+    """(1, 3, H, W) in [-1, 1]; None when only a depth map or latents are given."""
+    mask: torch.Tensor | None
+    """(1, 1, H, W): 1 where the image is repainted, 0 where it is kept."""
+    strength: float
+    """How much of the noise schedule runs: 1 starts from pure noise, 0 returns the input."""
+    size: tuple[int, int]
+    """(H, W) of the output, in pixels."""
+    picture: Any = None
+    """The picture as given (PIL, array or tensor), for the depth estimator."""
+    depth_map: torch.Tensor | None = None
+    """A given depth map (1, H, W)."""
+    latents: torch.Tensor | None = None
+    """Given latents (B, C, h, w), already scaled (a base model's ``output_type="latent"``)."""
+
+    @property
+    def from_noise(self) -> bool:
+        """Sampling starts from pure noise: depth-only text-to-image, or inpainting at full
+        strength (image-to-image always starts from the noised picture)."""
+        if self.pixels is None and self.latents is None:
+            return True
+        return self.mask is not None and self.strength == 1.0
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where sampling starts, and what stays fixed while it runs."""
+
+    noise: torch.Tensor
+    init: torch.Tensor | None = None
+    """Clean latents to noise to the start position (image-to-image)."""
+    resume: torch.Tensor | None = None
+    """Latents already at the start position (``denoising_start``: a handoff)."""
+    concat: torch.Tensor | None = None
+    """Extra UNet input channels (inpainting models' mask and picture, a depth map)."""
+    blend: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(mask, known latents): a 4-channel model inpaints by keeping the known region."""
+
+
+@dataclass(frozen=True)
+class LatentDiffusion:
+    """A loaded latent diffusion model of any family. Immutable: `with_scheduler` returns a
+    new pipeline sharing the same weights, so one pipeline serves several threads."""
+
+    unet: UNet2DCondition
+    vae: AutoencoderKL
+    text: tuple[TextConditioner, ...]
+    """The text encoders, in the order their hidden states are concatenated."""
+    scheduler: Scheduler
+    scheduler_config: dict[str, Any]
+    """The model's own ``scheduler_config.json``; swapping schedulers carries its fields over."""
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+    spec: type[Family] = StableDiffusionFamily
+    """The family's declarations (`latentkit.pipelines.Family`)."""
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The model's ``model_index.json`` (``force_zeros_for_empty_prompt``,
+    ``requires_aesthetics_score``, ...)."""
+    depth: DepthConditioner | None = None
+    """Depth conditioning with the repo's own estimator, for depth-to-image models."""
+    runtime: Runtime | None = None
+    """How the networks run (`latentkit.Performance`); None: the plain path."""
+    defaults: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The model's recommended ``steps`` / ``guidance_scale`` (``_latentkit_defaults`` in
+    ``model_index.json``), used when `generate` is not given them."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, TextConditioner):
+            object.__setattr__(self, "text", (self.text,))
+        if self.runtime is None:
+            runtime = Runtime(Performance(), self.device)
+            runtime.prepare(self.unet, self.vae)
+            object.__setattr__(self, "runtime", runtime)
+
+    @property
+    def family(self) -> str:
+        """The registered name of this model's family (``"stable-diffusion-xl"``, ...)."""
+        return self.spec.name
+
+    @property
+    def performance(self) -> Performance:
+        """The speed and memory options this pipeline was loaded with."""
+        assert self.runtime is not None
+        return self.runtime.performance
+
+    @classmethod
+    def from_files(
+        cls,
+        files: ModelFiles,
+        *,
+        family: type[Family],
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        progress: bool = True,
+        performance: Performance | None = None,
+    ) -> LatentDiffusion:
+        """Build the pipeline of ``family`` from resolved model files (`latentkit.load_pipeline`)."""
+        from tqdm.auto import tqdm
+
+        from latentkit.models.autoencoder import (
+            AutoencoderKL,
+            AutoencoderKLConfig,
+            rename_legacy_key,
+        )
+        from latentkit.models.text_encoder import (
+            CLIPTextConfig,
+            CLIPTextEncoder,
+            rename_checkpoint_key,
+        )
+        from latentkit.models.unet import UNet2DCondition, UNetConfig
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        runtime = Runtime(performance or Performance(), dev)
+        runtime.check()
+        home = runtime.storage_device  # the CPU when offloading, else the device
+        scheduler_config = _scheduler_config(files)
+        scheduler = schedulers.from_config(scheduler_config)
+        unet_config = UNetConfig.from_dict(files.config("unet"))
+        vae_config = AutoencoderKLConfig.from_dict(files.config("vae"))
+        # SDXL's VAE overflows in half precision: it runs in float32 (diffusers' force_upcast).
+        upcast = family.upcast_vae and vae_config.force_upcast and dt == torch.float16
+        model_index = files.model_index()
+        for component in ("unet", "vae", *(e for e, _ in TEXT_COMPONENTS)):
+            listed = model_index.get(component)
+            if isinstance(listed, list) and listed[:1] != [None] and component not in files.weights:
+                raise MissingComponentError(
+                    f"{files.name}: model_index.json lists {component} but its files are missing"
+                )
+        texts = [(e, t) for e, t in TEXT_COMPONENTS if e in files.weights]
+        if not texts:
+            raise UnsupportedModelError(f"{files.name}: the model has no text encoder")
+
+        bar = tqdm(
+            total=3 + len(texts), desc=f"loading {files.name}", disable=not progress, leave=False
+        )
+        depth_model = "depth_estimator" in files.weights
+        # transformers is imported only for a depth model's estimator.
+        with bar, progress_bars(progress, transformers=depth_model):
+            with torch.device("meta"):
+                # Built on the meta device: no memory, no random init; the weights are assigned.
+                unet = UNet2DCondition(unet_config)
+                vae = AutoencoderKL(vae_config)
+                encoders = [
+                    CLIPTextEncoder(CLIPTextConfig.from_dict(files.config(e))) for e, _ in texts
+                ]
+            load_into(
+                unet, read_state_dict(files.weights["unet"], device=home, dtype=dt), name="unet"
+            )
+            bar.update()
+            vae_dt = torch.float32 if upcast else dt
+            tensors = read_state_dict(
+                files.weights["vae"], device=home, dtype=vae_dt, rename=rename_legacy_key
+            )
+            load_into(vae, tensors, name="vae")
+            bar.update()
+            text = []
+            for (component, tokenizer), encoder in zip(texts, encoders, strict=True):
+                tensors = read_state_dict(
+                    files.weights[component], device=home, dtype=dt, rename=rename_checkpoint_key
+                )
+                load_into(encoder, tensors, name=component)
+                # latentkit's own CLIP tokenizer: the same ids as transformers', without
+                # importing transformers (most of a small model's load time).
+                text.append(
+                    TextConditioner(
+                        tokenizer=CLIPTokenizer.from_pretrained(files.root / tokenizer),
+                        text_encoder=encoder,
+                    )
+                )
+                bar.update()
+            depth = _load_depth_estimator(files, home, dt) if depth_model else None
+            runtime.prepare(unet, vae)
+            bar.update()
+        return cls(
+            unet=unet,
+            vae=vae,
+            text=tuple(text),
+            scheduler=scheduler,
+            scheduler_config=scheduler_config,
+            device=dev,
+            dtype=dt,
+            name=files.name,
+            spec=family,
+            config=model_index,
+            depth=depth,
+            runtime=runtime,
+            defaults=check_generation_defaults(model_index.get(DEFAULTS_KEY, {})),
+        )
+
+    def with_scheduler(self, scheduler: str | Scheduler, /, **options: Any) -> LatentDiffusion:
+        """This pipeline with another scheduler (a name, an alias or a scheduler object).
+
+        A name carries over the fields of the model's own scheduler config, as diffusers'
+        ``from_config`` does, so the swap gives the same images in both libraries; so does
+        an object from `latentkit.schedulers.create` for the options its caller left unset.
+        """
+        return dataclasses.replace(self, scheduler=self.resolve_scheduler(scheduler, **options))
+
+    def resolve_scheduler(self, scheduler: str | Scheduler | None, /, **options: Any) -> Scheduler:
+        """The scheduler a call uses: the pipeline's own for None, else ``scheduler`` fitted
+        to the model's scheduler config."""
+        if scheduler is None:
+            if options:
+                return schedulers.create(
+                    self.scheduler.name, config=self.scheduler.to_config(), **options
+                )
+            return self.scheduler
+        if isinstance(scheduler, str):
+            return schedulers.create(scheduler, config=self.scheduler_config, **options)
+        if not isinstance(scheduler, Scheduler):
+            raise InvalidArgumentError(
+                f"scheduler must be a name or a Scheduler object, not {type(scheduler).__name__}"
+            )
+        if options:
+            raise InvalidArgumentError("scheduler options go with a scheduler name, not an object")
+        return schedulers.for_model(scheduler, self.scheduler_config)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels the UNet was trained at (``sample_size`` latents)."""
+        size = self.unet.config.sample_size or 64  # Stable Diffusion 1.x: 64 latents, 512 px
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae.scale_factor, w * self.vae.scale_factor
+
+    # ---- one call
+
+    def generate(
+        self, prompt: str | Sequence[str] | None = None, **options: Any
+    ) -> GenerationResult:
+        """Generate images for ``prompt``; the keywords are `latentkit.request.Request`'s
+        (see `latentkit.generate`)."""
+        return self.run(Request.create(prompt, **options))
+
+    @torch.inference_mode()
+    def run(self, request: Request) -> GenerationResult:
+        """Generate the images a checked `Request` asks for."""
+        self._check(request)
+        steps = request.steps or int(self.defaults.get("steps", DEFAULT_STEPS))
+        guidance = request.guidance_scale
+        if guidance is None:
+            guidance = float(self.defaults.get("guidance_scale", self.spec.guidance_scale))
+        guided = guidance > 1.0
+        prompts, negatives = self._prompts(request)
+        inputs = self._image_inputs(request)
+        height, width = inputs.size if inputs is not None else self._size(request)
+        batch = len(prompts[0]) * request.num_images
+        assert self.runtime is not None
+        rt = self.runtime
+        with rt.session():
+            seeds = _seeds(request.seed, batch)
+            sched = self.resolve_scheduler(request.scheduler)
+            first, last = self._span(sched, steps, request, inputs)
+            with rt.stage(*(t.text_encoder for t in self.text)):
+                cond = self._conditioning(request, prompts, negatives, guided, (height, width))
+            cond = cond.repeat(request.num_images)  # rows stay grouped: [negatives; prompts]
+            generators: list[torch.Generator] | torch.Generator
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            if request.seed is None or is_int(request.seed):
+                generators = generators[0]  # one generator for the batch, as diffusers draws it
+            shape = (
+                batch,
+                self.vae.latent_channels,
+                height // self.vae.scale_factor,
+                width // self.vae.scale_factor,
+            )
+            estimator = None if self.depth is None else self.depth.estimator
+            with rt.stage(self.vae, estimator):
+                start = self._start(inputs, shape, generators, request)
+            concat = start.concat
+            if concat is not None and guided:
+                concat = torch.cat([concat, concat])
+
+            def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                x_in = torch.cat([x, x]) if guided else x
+                if concat is not None:  # inpainting and depth models read extra channels
+                    x_in = torch.cat([x_in, concat], dim=1)
+                out = rt.unet(x_in, t, cond.context, cond.vector)
+                if not guided:
+                    return out
+                out_uncond, out_text = out.chunk(2)
+                # Classifier-free guidance, Ho & Salimans 2022 eq. 6.
+                out = out_uncond + guidance * (out_text - out_uncond)
+                if request.guidance_rescale > 0:
+                    out = rescale_guidance(out, out_text, request.guidance_rescale)
+                return out
+
+            with rt.stage(self.unet):
+                latents = self._denoise(
+                    sched, model, start, steps, first, last, generators, request
+                )
+            if request.output_type == "latent":
+                outputs: list[Any] = list(latents)
+            else:
+                with rt.stage(self.vae):
+                    decoded = self.vae.decode(latents.to(self._vae_dtype), tiling=rt.tiling)
+                outputs = to_output(decoded.to(self.dtype), request.output_type)
+        strength = None if inputs is None else inputs.strength
+        params = [
+            GenerationParameters(
+                prompt=prompts[0][i // request.num_images],
+                negative_prompt=negatives[0][i // request.num_images],
+                steps=steps,
+                scheduler=request.scheduler if isinstance(request.scheduler, str) else sched.name,
+                guidance_scale=guidance,
+                seed=seeds[i],
+                width=width,
+                height=height,
+                model=self.name,
+                strength=strength if request.denoising_start is None else None,
+                clip_skip=request.clip_skip,
+                guidance_rescale=request.guidance_rescale,
+            )
+            for i in range(batch)
+        ]
+        return GenerationResult(images=outputs, parameters=params)
+
+    # ---- the steps of a call, in order
+
+    def _check(self, request: Request) -> None:
+        """The checks that need the model: family keywords, then the family's own."""
+        foreign = sorted((FAMILY_OPTIONS - self.spec.options) & set(request.given()))
+        if foreign:
+            raise InvalidArgumentError(
+                f"{', '.join(foreign)}: not a keyword of {self.name} (family {self.family}); "
+                "these condition other model families (e.g. SDXL)"
+            )
+        for label, embeds in (
+            ("prompt_embeds", request.prompt_embeds),
+            ("negative_prompt_embeds", request.negative_prompt_embeds),
+        ):
+            width = self.unet.config.cross_attention_dim
+            if embeds is not None and embeds.shape[-1] != width:
+                raise InvalidArgumentError(
+                    f"{label} must have shape (batch, tokens, {width}), got {tuple(embeds.shape)}"
+                )
+        pe, ne = request.prompt_embeds, request.negative_prompt_embeds
+        if pe is not None and ne is not None and ne.shape != pe.shape:
+            raise InvalidArgumentError(
+                f"negative_prompt_embeds {tuple(ne.shape)} must match prompt_embeds {tuple(pe.shape)}"
+            )
+        self.spec.check(self, request)
+
+    def _prompts(self, request: Request) -> tuple[list[list[str]], list[list[str]]]:
+        """The prompts and negative prompts for each text encoder (one each per batch item):
+        the first encoder reads ``prompt``, the second ``prompt_2`` (default: ``prompt``)."""
+        if request.prompt_embeds is not None:
+            prompts = [""] * request.prompt_embeds.shape[0]
+            seconds = prompts
+        else:
+            assert request.prompt is not None
+            prompts = as_list(request.prompt)
+            seconds = as_list(request.prompt_2) if request.prompt_2 is not None else prompts
+        negative = request.negative_prompt
+        negatives = as_list("" if negative is None else negative)
+        negatives_2 = (
+            negatives if request.negative_prompt_2 is None else as_list(request.negative_prompt_2)
+        )
+        lists = [prompts, seconds, negatives, negatives_2]
+        labels = ["prompts", "prompt_2 prompts", "negative prompts", "negative_prompt_2 prompts"]
+        for i, (label, items) in enumerate(zip(labels, lists, strict=True)):
+            if len(items) == 1 and len(prompts) > 1:
+                lists[i] = items * len(prompts)
+            elif len(items) != len(prompts):
+                raise InvalidArgumentError(
+                    f"got {len(items)} {label} for {len(prompts)} prompts; give one or one each"
+                )
+        n = len(self.text)
+        return [lists[0], lists[1]][:n], [lists[2], lists[3]][:n]
+
+    def _size(self, request: Request) -> tuple[int, int]:
+        height = self.default_size[0] if request.height is None else request.height
+        width = self.default_size[1] if request.width is None else request.width
+        _check_size("height", height, self.vae.scale_factor)
+        _check_size("width", width, self.vae.scale_factor)
+        return height, width
+
+    def _image_inputs(self, request: Request) -> ImageInputs | None:
+        """Read and check the image inputs (cheap: before any network runs)."""
+        image, mask_image, depth_map = request.image, request.mask_image, request.depth_map
+        channels = self.unet.config.in_channels
+        if depth_map is not None and channels != 5:
+            raise InvalidArgumentError(
+                f"depth_map needs a depth-to-image model (in_channels=5); {self.name} has "
+                f"in_channels={channels}"
+            )
+        if mask_image is not None and channels == 5:
+            raise InvalidArgumentError(
+                f"{self.name} is a depth-to-image model (in_channels=5): it cannot inpaint"
+            )
+        if channels == 9 and (image is None or mask_image is None):
+            raise InvalidArgumentError(
+                f"{self.name} is an inpainting model (in_channels=9): pass image= and mask_image="
+            )
+        if channels == 5 and image is None and depth_map is None:
+            raise InvalidArgumentError(
+                f"{self.name} is a depth-to-image model (in_channels=5): pass image= or depth_map="
+            )
+        if channels == 5 and image is not None and depth_map is None and self.depth is None:
+            raise InvalidArgumentError(f"{self.name} has no depth estimator: pass depth_map=")
+        if image is None and depth_map is None:
+            return None
+        default = self.spec.img2img_strength if mask_image is None else self.spec.inpaint_strength
+        strength = default if request.strength is None else request.strength
+        for label, value in (("height", request.height), ("width", request.width)):
+            if value is not None:
+                _check_size(label, value, self.vae.scale_factor)
+        latents = self._given_latents(image)
+        if latents is not None:
+            if mask_image is not None or channels != 4:
+                raise InvalidArgumentError(
+                    "latents as image= work for image-to-image only (no mask, a 4-channel UNet)"
+                )
+            factor = self.vae.scale_factor
+            size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
+            if (request.height or size[0], request.width or size[1]) != size:
+                raise InvalidArgumentError(
+                    f"height/width {request.height}x{request.width} do not match the given "
+                    f"latents' {size[0]}x{size[1]} pixels"
+                )
+            return ImageInputs(None, None, float(strength), size, latents=latents)
+        picture = None if image is None else images.open_image(image, "image")
+        depth = None if depth_map is None else images.open_image(depth_map, "depth_map")
+        source = picture if picture is not None else depth
+        assert source is not None
+        if picture is None and (request.height is not None or request.width is not None):
+            size = (request.height or self.default_size[0], request.width or self.default_size[1])
+        else:
+            size = images.target_size(source, request.height, request.width, self.vae.scale_factor)
+        mask = None
+        if mask_image is not None:
+            mask = images.mask_tensor(images.open_image(mask_image, "mask_image"), size)
+        return ImageInputs(
+            pixels=None if picture is None else images.image_tensor(picture, size),
+            mask=mask,
+            strength=float(strength),
+            size=size,
+            picture=picture,
+            depth_map=None if depth is None else images.depth_tensor(depth),
+        )
+
+    def _given_latents(self, image: Any) -> torch.Tensor | None:
+        """``image`` as latents (B, C, h, w) if it is latents: a tensor (or list of tensors)
+        with the autoencoder's latent channel count, as diffusers tells them apart."""
+        if (
+            isinstance(image, (list, tuple))
+            and image
+            and all(isinstance(t, torch.Tensor) for t in image)
+        ):
+            image = torch.stack(list(image))
+        channels = self.vae.latent_channels
+        if not isinstance(image, torch.Tensor) or image.shape[-3:-2] != (channels,):
+            return None
+        latents = image[None] if image.ndim == 3 else image
+        if latents.ndim != 4 or not latents.is_floating_point():
+            raise InvalidArgumentError(
+                f"latents as image= must be a float tensor (B, {channels}, h, w), got "
+                f"{tuple(image.shape)}"
+            )
+        if not bool(torch.isfinite(latents).all()):
+            raise InvalidArgumentError("the latents given as image= contain NaN or inf")
+        return latents
+
+    def _span(
+        self, sched: Scheduler, steps: int, request: Request, inputs: ImageInputs | None
+    ) -> tuple[int, int]:
+        """The positions in ``sched.timesteps(steps)`` the run evaluates: [first, last).
+
+        ``denoising_start`` / ``denoising_end`` cut the schedule at the model timestep
+        ``round(T - fraction · T)``, as diffusers' SDXL pipelines do (a second-order sampler
+        starts at the first evaluation of a step).
+        """
+        timesteps = sched.timesteps(steps)
+        trained = int(getattr(sched, "num_train_timesteps", 1000))
+        first, last = 0, len(timesteps)
+        if request.denoising_start is not None:
+            cutoff = round(trained - request.denoising_start * trained)
+            run = int((timesteps < cutoff).sum())
+            if getattr(sched, "evaluations_per_step", 1) == 2 and run % 2 == 0:
+                run += 1  # keep both evaluations of the step the cut falls in
+            first = len(timesteps) - run
+        elif inputs is not None and not inputs.from_noise:
+            first = sched.start_index(steps, inputs.strength)
+        if request.denoising_end is not None:
+            cutoff = round(trained - request.denoising_end * trained)
+            last = int((timesteps >= cutoff).sum())
+        if last <= first:
+            raise InvalidArgumentError(
+                f"denoising_start/denoising_end/strength leave no step of {steps} to run "
+                f"(positions {first}..{last}); widen the window or raise steps"
+            )
+        return first, last
+
+    def _conditioning(
+        self,
+        request: Request,
+        prompts: list[list[str]],
+        negatives: list[list[str]],
+        guided: bool,
+        size: tuple[int, int],
+    ) -> Conditioning:
+        """The UNet's conditioning, both guidance branches batched (unconditional first).
+
+        All prompts of a call are encoded in as many window chunks as the longest needs, so
+        their states batch together; ``force_zeros_for_empty_prompt`` models (SDXL base) use
+        zeros for the unconditional branch when no negative prompt is given.
+        """
+        device, dtype = self.device, self.dtype
+        window = self.text[0].window
+        zeros = request.negative_prompt is None and bool(
+            self.config.get("force_zeros_for_empty_prompt", False)
+        )
+
+        def encode(texts: list[list[str]], chunks: int) -> TextEmbeddings:
+            return encode_prompts(
+                self.text,
+                texts,
+                chunks=chunks,
+                layer=self.spec.text_layer,
+                clip_skip=request.clip_skip,
+                device=device,
+                dtype=dtype,
+            )
+
+        need_negative = guided and request.negative_prompt_embeds is None and not zeros
+        if request.prompt_embeds is None:
+            lists = prompts + (negatives if need_negative else [])
+            chunks = max(t.chunks(p) for t, p in zip(self.text * 2, lists, strict=False))
+            text = encode(prompts, chunks)
+        else:
+            text = TextEmbeddings(
+                request.prompt_embeds.to(device=device, dtype=dtype),
+                _to(request.pooled_prompt_embeds, device, dtype),
+            )
+            chunks = text.hidden.shape[1] // window
+        cond = Conditioning(
+            text.hidden, self.spec.vector(self, request, text, size=size, negative=False)
+        )
+        if not guided:
+            return cond
+        if request.negative_prompt_embeds is not None:
+            negative = TextEmbeddings(
+                request.negative_prompt_embeds.to(device=device, dtype=dtype),
+                _to(request.negative_pooled_prompt_embeds, device, dtype),
+            )
+        elif zeros:
+            pooled = None if text.pooled is None else torch.zeros_like(text.pooled)
+            negative = TextEmbeddings(torch.zeros_like(text.hidden), pooled)
+        else:
+            if chunks * window != text.hidden.shape[1] or any(
+                t.chunks(n) > chunks for t, n in zip(self.text, negatives, strict=True)
+            ):
+                raise InvalidArgumentError(
+                    f"the negative prompt needs more tokens than the prompt embeddings' "
+                    f"{text.hidden.shape[1]}; shorten it or pass negative_prompt_embeds"
+                )
+            negative = encode(negatives, chunks)
+        uncond = Conditioning(
+            negative.hidden, self.spec.vector(self, request, negative, size=size, negative=True)
+        )
+        return Conditioning.guided(uncond, cond)
+
+    def _start(
+        self,
+        inputs: ImageInputs | None,
+        shape: tuple[int, int, int, int],
+        generators: Generators,
+        request: Request,
+    ) -> Start:
+        """Noise, clean latents to start from, extra UNet channels and the inpainting blend.
+
+        The generator is drawn from in diffusers' order (picture latents, noise, masked
+        picture latents), so a seed gives diffusers' image for the same task.
+        """
+        device, dtype = self.device, self.dtype
+        batch = shape[0]
+        if inputs is None:
+            return Start(randn(shape, generator=generators, device=device, dtype=dtype))
+        channels = self.unet.config.in_channels
+        known = None
+        if inputs.latents is not None:
+            known = inputs.latents.to(device=device, dtype=dtype)
+            if known.shape[0] not in (1, batch):
+                raise InvalidArgumentError(
+                    f"got latents for {known.shape[0]} images as image= but the call makes "
+                    f"{batch}; give one or one per image"
+                )
+            known = known.expand(batch, -1, -1, -1)
+            if request.denoising_start is not None:
+                # A handoff: the latents are already at the start position, no noise added.
+                return Start(known, resume=known)
+        elif inputs.pixels is not None and not (channels == 9 and inputs.from_noise):
+            pixels = inputs.pixels.to(device=device, dtype=dtype)
+            if inputs.mask is None and isinstance(generators, list):
+                pixels = pixels.repeat(batch, 1, 1, 1)  # image-to-image encodes one per generator
+            known = self._encode(pixels, generators)
+            known = known.repeat(batch // known.shape[0], 1, 1, 1)
+            if request.denoising_start is not None and inputs.mask is None:
+                return Start(known, resume=known)
+        noise = randn(shape, generator=generators, device=device, dtype=dtype)
+        init = None if inputs.from_noise else known
+        concat = None
+        if channels == 5:
+            depth = self.depth or DepthConditioner()
+            value = DepthInput(
+                latent_size=shape[-2:], depth_map=inputs.depth_map, picture=inputs.picture
+            )
+            concat = depth.encode(value, device=device, dtype=dtype).repeat(batch, 1, 1, 1)
+        if inputs.mask is None or inputs.pixels is None:
+            return Start(noise, init=init, concat=concat)
+        if request.denoising_start is not None:
+            raise InvalidArgumentError("denoising_start with a mask is not supported yet")
+        masked = MaskedImage(pixels=inputs.pixels, mask=inputs.mask)
+        if channels == 9:
+            extra = MaskConditioner(autoencoder=_PipelineAutoencoder(self)).encode(
+                masked, device=device, dtype=dtype, generator=generators
+            )
+            return Start(noise, init=init, concat=extra.repeat(batch, 1, 1, 1))
+        # A 4-channel model repaints by blending; diffusers still samples the masked
+        # picture's latents here, so draw the same noise to keep a seed's later draws equal.
+        randn((1, *shape[1:]), generator=first_generator(generators), device=device, dtype=dtype)
+        mask = F.interpolate(inputs.mask, size=shape[-2:]).to(device=device, dtype=dtype)
+        assert known is not None
+        return Start(noise, init=init, blend=(mask.repeat(batch, 1, 1, 1), known))
+
+    def _denoise(
+        self,
+        sched: Scheduler,
+        model: Any,
+        start: Start,
+        steps: int,
+        first: int,
+        last: int,
+        generators: Generators,
+        request: Request,
+    ) -> torch.Tensor:
+        """Run the sampler over positions [first, last), keeping an inpainting blend and
+        calling the callback after every network evaluation."""
+        from tqdm.auto import tqdm
+
+        # A handoff resumes from its latents; only then is `resume` passed, so schedulers
+        # written before it existed keep working.
+        given = {"resume": start.resume} if start.resume is not None else {"init": start.init}
+        run = sched.sample(
+            model, start.noise, steps=steps, generator=generators, start=first, **given
+        )
+        latents = start.noise
+        replacement: torch.Tensor | None = None
+        bar = tqdm(total=last - first, disable=not request.progress, desc="denoising", leave=False)
+        with bar:
+            for _ in range(last - first):
+                step = run.send(replacement)
+                latents = step.sample
+                if start.blend is not None:
+                    # Keep the known region: the original latents, noised to the level the
+                    # sampler has reached, outside the mask (the last step keeps them clean).
+                    mask, known = start.blend
+                    following = first + step.index + 1
+                    if following < last:
+                        known = sched.noised(known, start.noise, steps=steps, index=following)
+                    latents = replacement = (1 - mask) * known + mask * latents
+                    step = dataclasses.replace(step, sample=latents)
+                bar.update(1)
+                if request.callback is not None:
+                    request.callback(step)
+            run.close()
+        return latents
+
+    @property
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def _encode(self, pixels: torch.Tensor, generators: Generators) -> torch.Tensor:
+        """Scaled latents of ``pixels``, sampled from the posterior as diffusers does: one
+        image per generator when there is a list of them."""
+        assert self.runtime is not None
+        tiling = self.runtime.tiling
+        pixels = pixels.to(self._vae_dtype)
+        if isinstance(generators, Sequence):
+            latents = torch.cat(
+                [
+                    self.vae.encode(pixels[i : i + 1], generator=generators[i], tiling=tiling)
+                    for i in range(pixels.shape[0])
+                ]
+            )
+        else:
+            latents = self.vae.encode(pixels, generator=generators, tiling=tiling)
+        return latents.to(self.dtype)
+
+
+class _PipelineAutoencoder:
+    """The pipeline's autoencoder as a conditioner sees it: inputs and outputs in the
+    pipeline's dtype, the work in the autoencoder's own (float32 for an upcast SDXL VAE)."""
+
+    def __init__(self, pipe: LatentDiffusion) -> None:
+        self.pipe = pipe
+        self.scale_factor = pipe.vae.scale_factor
+        self.latent_channels = pipe.vae.latent_channels
+
+    def encode(self, images: torch.Tensor, *, generator: Generators = None) -> torch.Tensor:
+        return self.pipe._encode(images, first_generator(generator))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.pipe.vae.decode(latents.to(self.pipe._vae_dtype)).to(self.pipe.dtype)
+
+
+def rescale_guidance(out: torch.Tensor, out_text: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale, Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps
+    are Flawed") eqs. 15-16: match the guided output's std to the text-conditioned one's."""
+    dims = list(range(1, out.ndim))
+    rescaled = out * (out_text.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * out
+
+
+def _to(
+    value: torch.Tensor | None, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    return None if value is None else value.to(device=device, dtype=dtype)
+
+
+def _scheduler_config(files: ModelFiles) -> dict[str, Any]:
+    """The model's scheduler config, corrected as diffusers corrects it when it loads one."""
+    config = files.config("scheduler")
+    # Like diffusers, the class named in model_index.json wins over the config's own.
+    listed = files.model_index().get("scheduler")
+    if isinstance(listed, list) and len(listed) == 2 and isinstance(listed[1], str):
+        config = {**config, "_class_name": listed[1]}
+    scheduler = schedulers.from_config(config)
+    # diffusers' StableDiffusionPipeline corrects outdated scheduler configs when it loads
+    # them (steps_offset 1, clip_sample off); so do we, so a model gives the same images.
+    fixes: dict[str, Any] = {}
+    if getattr(scheduler, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if getattr(scheduler, "clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    if fixes:
+        logger.warning(
+            "%s: outdated scheduler config, using %s as diffusers does", files.name, fixes
+        )
+        config = {**config, **fixes}
+    return config
+
+
+def _seeds(seed: Seeds, batch: int) -> list[int]:
+    """One seed per image. One int seeds one generator for the whole batch (its first image
+    keeps the seed); ``None`` draws a fresh seed so the result can still be reproduced."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    given: list[object] = (
+        [seed] * batch if is_int(seed) else list(seed) if isinstance(seed, Sequence) else []
+    )
+    seeds = [int(s) for s in given if is_int(s)]  # type: ignore[call-overload]
+    if len(seeds) != batch or len(given) != batch or not all(-(2**63) <= s < 2**64 for s in seeds):
+        raise InvalidArgumentError(
+            f"seed must be an int in [-2**63, 2**64), None, or a list of {batch} such ints "
+            f"(one per image); got {seed!r}"
+        )
+    return seeds
+
+
+def _transformers_model(
+    cls: Any, files: ModelFiles, component: str, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """A transformers model component, read from exactly the weight file `select_files`
+    chose (variant, safetensors or opted-in pickle with ``weights_only``), frozen, on ``device``."""
+    weights = files.weights[component]
+    v = files.variant
+    model = cls.from_pretrained(
+        str(files.root / component),
+        dtype=dtype,
+        variant=v if v and any(f".{v}." in p.name for p in weights) else None,
+        use_safetensors=any(p.suffix == ".safetensors" for p in weights),
+        weights_only=True,
+        local_files_only=True,
+    ).to(device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_depth_estimator(
+    files: ModelFiles, device: torch.device, dtype: torch.dtype
+) -> DepthConditioner:
+    """The repo's DPT depth estimator and its image processor (transformers classes)."""
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+    estimator = _transformers_model(DPTForDepthEstimation, files, "depth_estimator", device, dtype)
+    processor = DPTImageProcessor.from_pretrained(
+        str(files.root / "feature_extractor"), local_files_only=True
+    )
+    return DepthConditioner(estimator=estimator, processor=processor)
+
+
+def _check_size(label: str, size: int, factor: int) -> None:
+    if not is_int(size) or size <= 0 or size % factor:
+        hint = max(factor, size // factor * factor) if isinstance(size, int) else 512
+        raise InvalidArgumentError(
+            f"{label} must be a positive multiple of {factor} (the autoencoder's downsampling "
+            f"factor), got {size!r}; try {hint}"
+        )
+
+
+if TYPE_CHECKING:
+    # mypy proves that the built-in components satisfy the protocols they are used as.
+    from latentkit.models.autoencoder import AutoencoderKL as _AutoencoderKL
+    from latentkit.protocols import Autoencoder, Conditioner, Pipeline
+
+    _pipeline: type[Pipeline] = LatentDiffusion
+    _autoencoder: type[Autoencoder] = _AutoencoderKL
+    _conditioner: type[Conditioner[Sequence[str]]] = TextConditioner

@@ -1,0 +1,310 @@
+"""The keywords of a generation, declared once: `Request` and its checks.
+
+`latentkit.generate`, ``pipeline.generate`` and the CLI all build one `Request`; its fields are
+the keywords they take, each checked here (type, finiteness, range) before any network
+runs. A family-specific keyword (``prompt_2`` for SDXL) is declared here too and accepted only
+by the families that list it in ``Family.options``; everything else about a family lives in
+`latentkit.pipelines`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from latentkit.errors import InvalidArgumentError
+from latentkit.images import ImageInput
+from latentkit.protocols import Callback, Scheduler, Seeds
+from latentkit.results import OUTPUT_TYPES, OutputType
+
+Prompts = str | Sequence[str]
+"""A prompt, or one prompt per batch item."""
+
+Size = tuple[int, int]
+"""(height, width) in pixels."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """Every keyword ``generate`` takes, with its default. Invalid values raise
+    `InvalidArgumentError` when the request is built, before any work."""
+
+    prompt: Prompts | None = None
+    """A prompt, or a list of prompts (``num_images`` images each)."""
+    negative_prompt: Prompts | None = None
+    """What to steer away from (the unconditional branch of guidance)."""
+    prompt_2: Prompts | None = None
+    """SDXL: the prompt for the second text encoder (OpenCLIP bigG); default: ``prompt``."""
+    negative_prompt_2: Prompts | None = None
+    """SDXL: the negative prompt for the second text encoder; default: ``negative_prompt``."""
+    steps: int | None = None
+    """Denoising steps; ``None``: the model's recommendation, else 50."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance weight (Ho & Salimans 2022, eq. 6); ≤ 1 turns guidance off.
+    ``None``: the model's recommendation, else the family's default (7.5 SD, 5.0 SDXL)."""
+    guidance_rescale: float = 0.0
+    """Rescale factor φ of Lin et al. 2024, eqs. 15-16 (0 = off)."""
+    scheduler: str | Scheduler | None = None
+    """A scheduler name (see ``latentkit.schedulers.names()``) or object; ``None``: the model's."""
+    seed: Seeds = None
+    """An int (one CPU generator for the batch, as diffusers'
+    ``torch.Generator("cpu").manual_seed(seed)``), one int per image, or ``None`` (fresh)."""
+    height: int | None = None
+    """Image height in pixels, a multiple of 8; ``None``: the input image's or the model's."""
+    width: int | None = None
+    """Image width in pixels, likewise."""
+    num_images: int = 1
+    """Images per prompt."""
+    output_type: OutputType = "pil"
+    """``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the denoised latents, e.g. for a refiner)."""
+    callback: Callback | None = None
+    """Called with a `latentkit.SamplerStep` after every network evaluation."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    clip_skip: int | None = None
+    """Condition on the text encoder's layer this many before the usual one (A1111 and
+    diffusers count 1 as the penultimate layer for SD 1.x/2.x)."""
+    prompt_embeds: torch.Tensor | None = None
+    """Precomputed text embeddings (batch, tokens, width) instead of ``prompt``."""
+    negative_prompt_embeds: torch.Tensor | None = None
+    """Precomputed embeddings for the negative prompt, same shape."""
+    pooled_prompt_embeds: torch.Tensor | None = None
+    """SDXL: the pooled text embedding (batch, width) that goes with ``prompt_embeds``."""
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    """SDXL: the pooled embedding that goes with ``negative_prompt_embeds``."""
+    image: ImageInput | None = None
+    """Start from this picture (image-to-image; with ``mask_image``, inpainting): a PIL image,
+    an array (H, W, 3) or tensor (3, H, W) in [0, 1], a path, or latents (4, h, w) /
+    (B, 4, h, w) such as ``output_type="latent"`` returns (a base→refiner handoff)."""
+    mask_image: ImageInput | None = None
+    """Where to repaint (white) and what to keep (black); resized to the image."""
+    strength: float | None = None
+    """How much of the schedule runs with ``image``, in [0, 1]; default: the family's
+    (0.8 SD image-to-image, 0.3 SDXL image-to-image), 1.0 for inpainting."""
+    depth_map: ImageInput | None = None
+    """Depth-to-image models: the depth to follow (grey image, array or tensor (H, W))."""
+    denoising_start: float | None = None
+    """Start this fraction of the way through the schedule from ``image`` as it is (no noise
+    added): the refiner's half of an ensemble-of-experts handoff. Overrides ``strength``."""
+    denoising_end: float | None = None
+    """Stop this fraction of the way through the schedule (with ``output_type="latent"``, the
+    base's half of a handoff)."""
+    original_size: Size | None = None
+    """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): the size the model should
+    imagine the training image had; default: the output size."""
+    target_size: Size | None = None
+    """SDXL micro-conditioning: the intended output size; default: the output size."""
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    """SDXL micro-conditioning: the crop's top-left corner (0, 0 for centred subjects)."""
+    negative_original_size: Size | None = None
+    """SDXL: ``original_size`` for the unconditional branch; default: ``original_size``."""
+    negative_target_size: Size | None = None
+    """SDXL: ``target_size`` for the unconditional branch; default: ``target_size``."""
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    """SDXL: the crop corner for the unconditional branch; default: ``crops_coords_top_left``
+    (the refiner: (0, 0), as diffusers)."""
+    aesthetic_score: float = 6.0
+    """SDXL refiner micro-conditioning: the aesthetic score to imitate (LAION scale)."""
+    negative_aesthetic_score: float = 2.5
+    """SDXL refiner: the aesthetic score of the unconditional branch."""
+
+    def __post_init__(self) -> None:
+        _check_prompts("prompt", self.prompt)
+        for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
+            _check_prompts(name, getattr(self, name))
+        _int_at_least("steps", self.steps, 1, optional=True)
+        _int_at_least("num_images", self.num_images, 1)
+        _int_at_least("clip_skip", self.clip_skip, 0, optional=True)
+        _number_in("guidance_scale", self.guidance_scale, 0.0, 1e4, optional=True)
+        _number_in("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        _number_in("strength", self.strength, 0.0, 1.0, optional=True)
+        for name in ("denoising_start", "denoising_end"):
+            value = getattr(self, name)
+            _number_in(name, value, 0.0, 1.0, optional=True)
+            if value is not None and not 0.0 < value < 1.0:
+                raise InvalidArgumentError(
+                    f"{name} must be strictly between 0 and 1, got {value!r}"
+                )
+        if (
+            self.denoising_start is not None
+            and self.denoising_end is not None
+            and self.denoising_start >= self.denoising_end
+        ):
+            raise InvalidArgumentError(
+                f"denoising_start ({self.denoising_start}) must be below denoising_end "
+                f"({self.denoising_end})"
+            )
+        _number_in("aesthetic_score", self.aesthetic_score, -1e3, 1e3)
+        _number_in("negative_aesthetic_score", self.negative_aesthetic_score, -1e3, 1e3)
+        for name in ("height", "width"):
+            _int_at_least(name, getattr(self, name), 1, optional=True)
+        for name in (
+            "original_size",
+            "target_size",
+            "crops_coords_top_left",
+            "negative_original_size",
+            "negative_target_size",
+            "negative_crops_coords_top_left",
+        ):
+            _check_pair(name, getattr(self, name), low=0 if "crops" in name else 1)
+        if self.output_type not in OUTPUT_TYPES:
+            raise InvalidArgumentError(
+                f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}"
+            )
+        if not isinstance(self.progress, bool):
+            raise InvalidArgumentError(f"progress must be True or False, got {self.progress!r}")
+        if self.callback is not None and not callable(self.callback):
+            raise InvalidArgumentError("callback must be callable")
+        for name in (
+            "prompt_embeds",
+            "negative_prompt_embeds",
+            "pooled_prompt_embeds",
+            "negative_pooled_prompt_embeds",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _check_tensor(name, value, ndim=2 if "pooled" in name else 3)
+        if (self.prompt is None) == (self.prompt_embeds is None):
+            raise InvalidArgumentError("pass either prompt or prompt_embeds (exactly one)")
+        if self.negative_prompt is not None and self.negative_prompt_embeds is not None:
+            raise InvalidArgumentError("pass negative_prompt or negative_prompt_embeds, not both")
+        if self.prompt_2 is not None and self.prompt is None:
+            raise InvalidArgumentError("prompt_2 goes with prompt, not with prompt_embeds")
+        if self.image is None:
+            for name in ("mask_image", "strength", "denoising_start"):
+                if getattr(self, name) is not None:
+                    raise InvalidArgumentError(f"{name} needs image= (the picture to start from)")
+
+    @classmethod
+    def create(cls, prompt: Prompts | None = None, /, **options: Any) -> Request:
+        """A request from ``generate``'s arguments; an unknown keyword is an
+        `InvalidArgumentError` that names the closest valid ones."""
+        unknown = sorted(set(options) - set(FIELDS))
+        if unknown:
+            hints = [
+                f"{name!r} (did you mean {', '.join(map(repr, close))}?)"
+                if (close := difflib.get_close_matches(name, FIELDS, n=2))
+                else repr(name)
+                for name in unknown
+            ]
+            raise InvalidArgumentError(
+                f"unknown keyword {', '.join(hints)}; generate takes {', '.join(FIELDS)}"
+            )
+        if prompt is not None and "prompt" in options:
+            raise InvalidArgumentError("prompt was given twice (positionally and as a keyword)")
+        if prompt is not None:
+            options["prompt"] = prompt
+        return cls(**options)
+
+    def given(self) -> dict[str, Any]:
+        """The fields that differ from their defaults (what the caller set)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if not _same(getattr(self, f.name), f.default)
+        }
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Request))
+"""The keyword names ``generate`` takes, in declaration order."""
+
+
+def _same(value: object, default: object) -> bool:
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return value is default
+    try:
+        return bool(value == default)
+    except Exception:  # arrays and other objects without a boolean ==
+        return value is default
+
+
+def is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` is an int in Python, never a count here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(name: str, value: object, low: int, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not is_int(value) or value < low:  # type: ignore[operator]
+        raise InvalidArgumentError(f"{name} must be an int ≥ {low}, got {value!r}")
+
+
+def _number_in(
+    name: str, value: object, low: float, high: float, *, optional: bool = False
+) -> None:
+    if value is None and optional:
+        return
+    if not is_real(value) or not low <= value <= high:  # type: ignore[operator]
+        raise InvalidArgumentError(
+            f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}"
+        )
+
+
+def _check_pair(name: str, value: object, *, low: int) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != 2
+        or not all(is_int(v) and low <= v <= 2**20 for v in value)
+    ):
+        raise InvalidArgumentError(
+            f"{name} must be a pair of ints (height, width) / (top, left) in [{low}, 2**20], "
+            f"got {value!r}"
+        )
+
+
+def _check_prompts(name: str, value: object) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, Sequence) or not value or not all(isinstance(p, str) for p in value):
+        raise InvalidArgumentError(
+            f"{name} must be a string or a non-empty list of strings, got {type(value).__name__}"
+        )
+
+
+def _check_tensor(name: str, value: object, *, ndim: int) -> None:
+    if not isinstance(value, torch.Tensor) or value.ndim != ndim or not value.is_floating_point():
+        shape = "(batch, tokens, width)" if ndim == 3 else "(batch, width)"
+        raise InvalidArgumentError(f"{name} must be a float tensor of shape {shape}")
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidArgumentError(f"{name} contains NaN or infinite values")
+
+
+def as_list(value: Prompts) -> list[str]:
+    """A prompt or prompts as a list (the request has checked the types)."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+FAMILY_OPTIONS = frozenset(
+    {
+        "prompt_2",
+        "negative_prompt_2",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "original_size",
+        "target_size",
+        "crops_coords_top_left",
+        "negative_original_size",
+        "negative_target_size",
+        "negative_crops_coords_top_left",
+        "aesthetic_score",
+        "negative_aesthetic_score",
+    }
+)
+"""Keywords only some families take (SDXL's second prompt, pooled embeddings and
+micro-conditioning); a family lists those it accepts in ``Family.options``."""
