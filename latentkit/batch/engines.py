@@ -18,10 +18,6 @@ from latentkit.batch.jobs import Unit
 from latentkit.batch.worker import Outcome, Worker
 from latentkit.errors import InvalidArgumentError
 
-IN_FLIGHT_PER_WORKER = 2
-"""Units queued on each Ray actor: one running, one waiting, so an actor never idles while the
-driver writes the previous result."""
-
 
 def run_local(
     units: Sequence[Unit], *, device: str, dtype: str
@@ -43,6 +39,10 @@ class BatchWorker:
 
     def run(self, unit: Unit) -> list[Outcome]:
         return self.worker.run(unit)
+
+    def ready(self) -> bool:
+        """Answers once the actor runs (after a restart, too)."""
+        return True
 
 
 def import_ray() -> Any:
@@ -115,36 +115,48 @@ def run_ray(
             actor_class.remote(device=device, dtype=dtype, threads=threads) for _ in range(workers)
         ]
         pending = collections.deque(units)
-        in_flight: dict[Any, tuple[int, Unit]] = {}
-        load = [0] * len(actors)
+        running: dict[Any, tuple[int, Unit]] = {}  # object ref -> (actor, unit)
+        probing: dict[Any, int] = {}  # object ref of a readiness call -> actor
 
         def submit(index: int) -> None:
-            while pending and load[index] < IN_FLIGHT_PER_WORKER:
+            if pending:
                 unit = pending.popleft()
-                in_flight[actors[index].run.remote(unit)] = (index, unit)
-                load[index] += 1
+                running[actors[index].run.remote(unit)] = (index, unit)
 
         for index in range(len(actors)):
             submit(index)
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in ready:
-                index, unit = in_flight.pop(ref)
-                load[index] -= 1
+        while running or probing:
+            (ref,), _ = ray.wait([*running, *probing], num_returns=1)
+            if ref in probing:
+                index = probing.pop(ref)
                 try:
-                    outcomes: list[Outcome] = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    # Ray gave up on this unit after max_retries restarts of its worker.
-                    error = (
-                        f"the worker died {max_retries + 1} times running this row "
-                        f"({type(e).__name__})"
-                    )
-                    outcomes = [Outcome(job.id, (), error, 0.0) for job in unit.jobs]
-                except ray.exceptions.RayError as e:
-                    error = f"{type(e).__name__}: {e}"
-                    outcomes = [Outcome(job.id, (), error, 0.0) for job in unit.jobs]
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    continue  # gone for good (cannot be placed again): the others go on
                 submit(index)
-                yield unit, outcomes
+                continue
+            index, unit = running.pop(ref)
+            try:
+                outcomes: list[Outcome] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                # Ray ran the unit max_retries more times on replaced workers and gave up.
+                error = (
+                    f"the worker died {max_retries + 1} times running this row ({type(e).__name__})"
+                )
+                outcomes = [Outcome(job.id, (), error, 0.0) for job in unit.jobs]
+                # Wait until Ray has replaced the worker before giving it another row: sent to
+                # a worker still restarting, a row would fail without running.
+                probing[actors[index].ready.options(max_task_retries=-1).remote()] = index
+            except ray.exceptions.RayError as e:
+                error = f"{type(e).__name__}: {e}"
+                outcomes = [Outcome(job.id, (), error, 0.0) for job in unit.jobs]
+                submit(index)
+            else:
+                submit(index)
+            yield unit, outcomes
+        for unit in pending:  # only if every worker is gone for good
+            error = "no Ray worker is left to run this row"
+            yield unit, [Outcome(job.id, (), error, 0.0) for job in unit.jobs]
     finally:
         for actor in actors:
             ray.kill(actor)
