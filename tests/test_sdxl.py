@@ -348,3 +348,97 @@ def test_bad_sdxl_input_is_a_typed_error_before_any_network(
         kw["image"] = picture()
     with pytest.raises(latentkit.InvalidArgumentError, match=match):
         pipe.generate(steps=2, progress=False, **kw)
+
+
+# The listing of stabilityai/stable-diffusion-xl-base-1.0 (the files that matter here).
+SDXL_BASE_FILES = [
+    "model_index.json",
+    "sd_xl_base_1.0.safetensors",
+    "sd_xl_base_1.0_0.9vae.safetensors",
+    "sd_xl_offset_example-lora_1.0.safetensors",
+    "scheduler/scheduler_config.json",
+    *(
+        f"{folder}/{name}"
+        for folder in ("tokenizer", "tokenizer_2")
+        for name in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+    ),
+    *(
+        f"{folder}/{stem}{variant}.{ext}"
+        for folder, stem in (
+            ("text_encoder", "model"),
+            ("text_encoder_2", "model"),
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+        )
+        for variant in ("", ".fp16")
+        for ext in ("safetensors", "bin" if folder.startswith("text") else "safetensors")
+    ),
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "text_encoder_2/flax_model.msgpack",
+    "unet/config.json",
+    "unet/diffusion_flax_model.msgpack",
+    "unet/openvino_model.bin",
+    "vae/config.json",
+    "vae_1_0/config.json",
+    "vae_1_0/diffusion_pytorch_model.fp16.safetensors",
+    "vae_decoder/model.onnx",
+]
+
+
+def test_only_the_files_sdxl_needs_are_selected() -> None:
+    from latentkit.loading import select_files
+
+    needed, weights = select_files(SDXL_BASE_FILES, variant="fp16", allow_pickle=False, name="x")
+    assert sorted(f for fs in weights.values() for f in fs) == [
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder_2/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    assert {f.split("/")[0] for f in needed} == {
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "unet",
+        "vae",
+    }
+    # The refiner has the second encoder only.
+    refiner = [f for f in SDXL_BASE_FILES if not f.startswith(("text_encoder/", "tokenizer/"))]
+    _, weights = select_files(refiner, variant="fp16", allow_pickle=False, name="refiner")
+    assert set(weights) == {"unet", "vae", "text_encoder_2"}
+
+
+def test_a_missing_listed_encoder_is_a_typed_error(sdxl_path: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = Path(shutil.copytree(sdxl_path, tmp_path / "sdxl"))
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(latentkit.MissingComponentError, match="text_encoder"):
+        latentkit.load_pipeline(broken, device="cpu", progress=False)
+
+
+def test_half_precision_runs_the_vae_in_float32(sdxl_path: Path) -> None:
+    pipe = latentkit.load_pipeline(sdxl_path, device="cpu", dtype="fp16", progress=False)
+    assert pipe.unet.conv_in.weight.dtype == torch.float16
+    assert pipe.vae.decoder.conv_in.weight.dtype == torch.float32  # force_upcast
+    images = ours(pipe, 1, prompt="a cat", steps=2, height=SIZE, width=SIZE)
+    assert np.isfinite(images).all()
+    picture_out = ours(pipe, 1, prompt="a cat", steps=2, image=picture(), strength=0.5)
+    assert np.isfinite(picture_out).all()
+
+
+def test_cli_generates_with_sdxl(sdxl_path: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from latentkit.cli import main
+
+    out = tmp_path / "x.png"
+    argv = ["generate", "a cat", "-o", str(out), "--model", str(sdxl_path), "--steps", "2"]
+    assert main([*argv, "--seed", "3", "-W", str(SIZE), "-H", str(SIZE), "-q"]) == 0
+    with Image.open(out) as image:
+        assert image.size == (SIZE, SIZE)
+        assert "Seed: 3" in image.text["parameters"]
