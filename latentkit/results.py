@@ -1,13 +1,34 @@
-"""What `latentkit.generate` returns, and how images are written with their parameters."""
+"""What `latentkit.generate` returns, and how images are written with their parameters.
+
+A PNG is written whole or not at all: encoded in memory, written to a temporary file in
+the target's folder, flushed to disk and renamed onto the target (hard-linked when an
+existing file must not be replaced), so a full disk, an error or a kill never leaves a
+truncated file behind that would then block the retry. Output paths are checked before
+any work (`output_paths`): a folder, a path under a file, a name too long for the file
+system or a folder that cannot be written raise `OutputPathError` naming the path.
+
+The ``parameters`` text follows A1111's convention, with every user-given text written so
+that it cannot forge another field (see `GenerationParameters.a1111`), and
+`GenerationParameters.from_a1111` reads it back exactly.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
+import math
+import os
+import re
+import secrets
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+
+from latentkit.errors import InvalidArgumentError, OutputExistsError, OutputPathError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -35,20 +56,224 @@ class GenerationParameters:
     guidance_rescale: float = 0.0
 
     def a1111(self) -> str:
-        """The ``parameters`` text A1111-compatible tools read from a PNG."""
-        extra = ""
+        """The ``parameters`` text A1111-compatible tools read from a PNG.
+
+        Three parts, as A1111 writes them: the prompt (its lines), a line ``Negative prompt:
+        ...`` and a last line of ``Key: value`` fields. A1111's reader takes the last line as
+        the fields and the first line starting with ``Negative prompt:`` as the start of the
+        negative prompt, so a prompt is written as it is only when that reading gives it
+        back and no line of it looks like either (``negative prompt:`` or ``steps:``, in any
+        case, after spaces), does not start with ``"``, and holds no control character, NUL,
+        Unicode line separator or lone surrogate (which PNG text cannot carry). Any other
+        prompt is written as one JSON string on one line (``"a\\nNegative prompt: b"``):
+        A1111 then shows the quotes and escapes but no forged field, and `from_a1111` reads
+        it back exactly. Field values are quoted as A1111's ``quote()`` does (JSON, when
+        they hold ``,``, ``:`` or a newline), and also when they start with ``"``, have
+        spaces at either end or hold characters PNG text cannot carry.
+        """
+        fields = [
+            ("Steps", str(self.steps)),
+            ("Sampler", _quote(self.scheduler)),
+            ("CFG scale", _number(self.guidance_scale)),
+            ("Seed", str(self.seed)),
+            ("Size", f"{self.width}x{self.height}"),
+            ("Model", _quote(self.model)),
+        ]
         if self.strength is not None:
-            extra += f", Denoising strength: {self.strength:g}"
+            fields.append(("Denoising strength", _number(self.strength)))
         if self.clip_skip is not None:
-            extra += f", Clip skip: {self.clip_skip}"
+            fields.append(("Clip skip", str(self.clip_skip)))
         if self.guidance_rescale:
-            extra += f", Guidance rescale: {self.guidance_rescale:g}"
+            fields.append(("Guidance rescale", _number(self.guidance_rescale)))
         return (
-            f"{self.prompt}\n"
-            f"Negative prompt: {self.negative_prompt}\n"
-            f"Steps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance_scale:g}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}{extra}"
+            f"{_prompt_text(self.prompt)}\n"
+            f"{NEGATIVE_LABEL} {_prompt_text(self.negative_prompt)}\n"
+            + ", ".join(f"{key}: {value}" for key, value in fields)
         )
+
+    @classmethod
+    def from_a1111(cls, text: str) -> GenerationParameters:
+        """The parameters in an A1111 ``parameters`` text; the inverse of `a1111`.
+
+        ``GenerationParameters.from_a1111(p.a1111()) == p`` for every ``p`` (prompts with
+        newlines, NUL bytes, lone surrogates or text that looks like other fields included).
+        Texts written by A1111 itself read as A1111 reads them, except that a prompt that
+        starts with ``"`` and is a whole JSON string is read as that string. Fields this
+        class has no place for (``Hires upscale``, ``VAE``, ...) are ignored; a text without
+        ``Steps``, ``Sampler``, ``CFG scale``, ``Seed`` or ``Size``, or with a value that is
+        not a number where one is expected, raises `InvalidArgumentError`.
+        """
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"parameters text must be a str, not {type(text).__name__}")
+        *body, last = text.split("\n")
+        fields = dict(_fields(last))
+        if len(fields) < 3:  # as A1111: no field line, all of it is prompt
+            body, fields = [*body, last], {}
+        if body and body[0].startswith('"') and (quoted := _unquote_line(body[0])) is not None:
+            prompt, rest = quoted, body[1:]
+        else:
+            end = next((i for i, line in enumerate(body) if line.startswith(NEGATIVE_LABEL)), None)
+            end = len(body) if end is None else end
+            prompt, rest = "\n".join(body[:end]), body[end:]
+        negative = ""
+        if rest:
+            negative = "\n".join(rest)[len(NEGATIVE_LABEL) :].removeprefix(" ")
+            if negative.startswith('"') and (quoted := _unquote_line(negative)) is not None:
+                negative = quoted
+
+        missing = [k for k in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if k not in fields]
+        if missing:
+            raise InvalidArgumentError(
+                f"the parameters text has no {', '.join(map(repr, missing))} field(s) (its last "
+                "line holds them, e.g. 'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, "
+                "Size: 512x512')"
+            )
+
+        def get(key: str) -> str:
+            return fields[key]
+
+        def number(key: str, kind: type[int] | type[float]) -> Any:
+            try:
+                value = kind(get(key))
+            except ValueError as e:
+                raise InvalidArgumentError(
+                    f"the parameters field {key!r} must be a number, got {get(key)!r}"
+                ) from e
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgumentError(f"the parameters field {key!r} is {value}")
+            return value
+
+        size = re.fullmatch(r"(\d+)x(\d+)", get("Size"))
+        if size is None:
+            raise InvalidArgumentError(
+                f"the parameters field 'Size' must be WxH, got {get('Size')!r}"
+            )
+        return cls(
+            prompt=prompt,
+            negative_prompt=negative,
+            steps=number("Steps", int),
+            scheduler=get("Sampler"),
+            guidance_scale=number("CFG scale", float),
+            seed=number("Seed", int),
+            width=int(size.group(1)),
+            height=int(size.group(2)),
+            model=fields.get("Model", ""),
+            strength=number("Denoising strength", float)
+            if "Denoising strength" in fields
+            else None,
+            clip_skip=number("Clip skip", int) if "Clip skip" in fields else None,
+            guidance_rescale=number("Guidance rescale", float)
+            if "Guidance rescale" in fields
+            else 0.0,
+        )
+
+
+NEGATIVE_LABEL = "Negative prompt:"
+"""The start of the line of the negative prompt in A1111's ``parameters`` text."""
+
+_FIELD_LINE = re.compile(r"\s*(negative prompt|steps)\s*:", re.IGNORECASE)
+"""A line that A1111's reader (which strips lines) or a regex-based one would take for the
+start of the negative prompt or for the field line."""
+_CANNOT_CARRY = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+"""Characters a prompt is not written raw with: C0/C1 controls but tab and newline (NUL
+cannot be in PNG text at all; CR and the Unicode line separators split lines in other
+readers), and lone surrogates, which no UTF-8 text can hold."""
+_FIELD = re.compile(r'\s*([^:,"]+?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+"""One ``Key: value`` of the field line; a value is a JSON string or runs to the next comma."""
+
+
+def _json_line(text: str) -> str:
+    """``text`` as a JSON string on one line, in PNG-safe characters: json.dumps escapes
+    controls, quotes and backslashes; C1 controls, line separators and lone surrogates are
+    escaped too (``\\ud800`` reads back as the lone surrogate it was)."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    return _CANNOT_CARRY.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted)
+
+
+def _prompt_text(text: str) -> str:
+    if (
+        text.startswith('"')
+        or _CANNOT_CARRY.search(text)
+        or any(_FIELD_LINE.match(line) for line in text.split("\n"))
+    ):
+        return _json_line(text)
+    return text
+
+
+def _quote(value: str) -> str:
+    """A field value as A1111's ``quote()`` writes it (JSON when it holds ``,`` ``:`` or a
+    newline), also quoted when a plain value would not read back the same."""
+    if (
+        any(c in value for c in ",:\n")
+        or value.startswith('"')
+        or value != value.strip()
+        or _CANNOT_CARRY.search(value)
+    ):
+        return _json_line(value)
+    return value
+
+
+def _number(value: float) -> str:
+    """``value`` as A1111 writes it (``7.5``, ``7``), with all its digits where ``:g``
+    would round it, so it reads back equal."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+def _unquote_line(text: str) -> str | None:
+    """The string a whole-line JSON string ``text`` holds, or None if it is not one.
+
+    Decoded here rather than by ``json.loads``, which joins ``\\ud800\\udc00`` into one
+    character: `_json_line` escapes only surrogates that stood alone (astral characters
+    are written as themselves), so each ``\\uXXXX`` is read back as the one code point it
+    was, and a prompt holding two lone surrogates in a row reads back exactly."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return None
+    out: list[str] = []
+    i, end = 1, len(text) - 1
+    while i < end:
+        c = text[i]
+        if c == '"' or ord(c) < 0x20:
+            return None  # an unescaped quote or control: not one JSON string
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        code = text[i + 1 : i + 2]
+        if code == "u":
+            digits = text[i + 2 : i + 6]
+            if len(digits) != 4 or not all(d in "0123456789abcdefABCDEF" for d in digits):
+                return None
+            out.append(chr(int(digits, 16)))
+            i += 6
+        elif code in _JSON_ESCAPES and i + 1 < end:
+            out.append(_JSON_ESCAPES[code])
+            i += 2
+        else:
+            return None
+    return "".join(out)
+
+
+_JSON_ESCAPES = {
+    '"': '"',
+    "\\": "\\",
+    "/": "/",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+}
+
+
+def _fields(line: str) -> list[tuple[str, str]]:
+    fields = []
+    for match in _FIELD.finditer(line):
+        key, value = match.group(1).strip(), match.group(2)
+        if value.startswith('"') and (quoted := _unquote_line(value)) is not None:
+            value = quoted
+        fields.append((key, value))
+    return fields
 
 
 @dataclass(frozen=True)
@@ -78,52 +303,197 @@ class GenerationResult:
         return paths
 
 
-def output_paths(path: str | Path, count: int, *, overwrite: bool = False) -> list[Path]:
-    """The files `GenerationResult.save` writes for ``count`` images; raises if any
-    exists and ``overwrite`` is off, so callers can check before generating."""
-    from latentkit.errors import InvalidArgumentError
-
+def output_paths(
+    path: str | os.PathLike[str], count: int, *, overwrite: bool = False
+) -> list[Path]:
+    """The files `GenerationResult.save` writes for ``count`` images, each checked with
+    `check_output_path`, so callers can fail before generating: `OutputExistsError` if any
+    exists and ``overwrite`` is off, `OutputPathError` if one cannot be written."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"the output path must be a str or Path, not {type(path).__name__}"
+        )
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidArgumentError(f"the image count must be an int >= 1, got {count!r}")
     target = Path(path)
     if count == 1:
         paths = [target]
     else:
         paths = [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
-    taken = [str(p) for p in paths if p.exists()]
+    for p in paths:
+        check_output_path(p, overwrite=True)  # all but existence: a folder is no "file"
+    taken = [str(p) for p in paths if _lexists(p)]
     if taken and not overwrite:
-        raise InvalidArgumentError(
-            f"{', '.join(taken)} already exist(s); pass overwrite=True to replace"
+        raise OutputExistsError(
+            f"{', '.join(taken)} already exist(s); pass overwrite=True to replace",
+            path=taken[0],
         )
     return paths
 
 
-def save_png(
-    image: Image.Image, path: Path, params: GenerationParameters | None, *, overwrite: bool = False
-) -> None:
-    """Write ``image`` as PNG with a ``parameters`` text chunk (A1111 convention).
+def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    """Check that a file can be written at ``path`` without writing anything: that it is
+    not a folder, that no part of its folder is a file, that each name fits the file
+    system's limit and the whole its path limit, that the nearest existing folder can be
+    written, and that it does not exist unless ``overwrite``. Raises `OutputPathError`
+    (`OutputExistsError` for an existing file) naming the path."""
+    name = os.fspath(path)
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"the output path must be text, got {name!r}")
+    target = Path(name)
 
-    Without ``overwrite`` the file is created exclusively, so a file that appeared since
-    the check (another process) is never replaced.
-    """
+    def fail(reason: str) -> OutputPathError:
+        return OutputPathError(f"cannot write {name!r}: {reason}", path=name)
+
+    if "\0" in name:
+        raise fail("it contains a NUL byte")
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeEncodeError as e:
+        raise fail("it is not encodable as a file name on this system") from e
+    if not target.name or target.name in (".", ".."):
+        raise fail("it names no file; give the PNG file's path, e.g. out.png")
+    if os.path.isdir(target):  # not Path.is_dir: it raises for a name too long
+        raise fail("it is a folder; give the PNG file's path, e.g. its/path/out.png")
+    if _lexists(target) and not overwrite:
+        raise OutputExistsError(
+            f"{name} already exists; pass overwrite=True to replace it", path=name
+        )
+    absolute = Path(os.path.abspath(name))
+    folder = absolute.parent
+    while not _lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not os.path.isdir(folder):
+        raise fail(f"{folder} is a file, so it cannot hold a folder or file")
+    name_max = _pathconf(folder, "PC_NAME_MAX", 255)
+    path_max = _pathconf(folder, "PC_PATH_MAX", 4096)
+    for part in absolute.relative_to(folder).parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise fail(
+                f"the name {part[:24]!r}... is {size} bytes; this file system allows {name_max}"
+            )
+    if len(encoded) >= path_max or len(os.fsencode(str(absolute))) >= path_max:
+        raise fail(f"the path is longer than the {path_max} bytes this system allows")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise fail(f"the folder {folder} is not writable")
+
+
+def encode_png(image: Image.Image, params: GenerationParameters | None) -> bytes:
+    """``image`` as PNG bytes with a ``parameters`` text chunk (A1111 convention)."""
+    import io
+
     from PIL import Image as PILImage
     from PIL.PngImagePlugin import PngInfo
 
     if not isinstance(image, PILImage.Image):
-        from latentkit.errors import InvalidArgumentError
-
         raise InvalidArgumentError("only PIL images can be saved; generate with output_type='pil'")
     info = PngInfo()
     if params is not None:
         info.add_text("parameters", params.a1111())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "wb" if overwrite else "xb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-    except FileExistsError as e:
-        from latentkit.errors import InvalidArgumentError
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
-        raise InvalidArgumentError(
-            f"{path} already exists; pass overwrite=True to replace it"
+
+def save_png(
+    image: Image.Image,
+    path: str | os.PathLike[str],
+    params: GenerationParameters | None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write ``image`` as PNG with a ``parameters`` text chunk (A1111 convention), whole or
+    not at all (see the module docstring).
+
+    Without ``overwrite`` the file is created exclusively (by a hard link), so a file that
+    appeared since the check (another process) is never replaced.
+    """
+    target = Path(path)
+    check_output_path(target, overwrite=overwrite)
+    data = encode_png(image, params)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(
+            f"cannot create the folder of {target}: {_reason(e)}", path=target
         ) from e
+    write_atomically(target, data, overwrite=overwrite)
+
+
+def write_atomically(path: Path, data: bytes, *, overwrite: bool) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, flushed to
+    disk, then renamed onto ``path`` (``overwrite``) or hard-linked to it (which fails if
+    ``path`` exists, so nothing is replaced). The temporary file is removed whatever
+    happens; only a kill can leave one (a hidden ``.*.latentkit.tmp``), never a partial
+    ``path``."""
+    # A short name of its own: the target's name may already be at the length limit.
+    while True:
+        temporary = path.parent / f".{secrets.token_hex(8)}.latentkit.tmp"
+        try:
+            fd = os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+            )
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputPathError(f"cannot write {path}: {_reason(e)}", path=path) from e
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError as e:
+                raise OutputExistsError(
+                    f"{path} already exists; pass overwrite=True to replace it", path=path
+                ) from e
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS:
+                    raise
+                # A file system without hard links (FAT, some network shares): check, then
+                # rename; a file appearing in between would be replaced.
+                if _lexists(path):
+                    raise OutputExistsError(
+                        f"{path} already exists; pass overwrite=True to replace it", path=path
+                    ) from e
+                os.replace(temporary, path)
+    except OutputPathError:
+        raise
+    except OSError as e:  # a full disk, a quota, an I/O error
+        raise OutputPathError(f"cannot write {path}: {_reason(e)}", path=path) from e
+    finally:
+        with suppress(OSError):
+            os.unlink(temporary)
+
+
+_NO_HARD_LINKS = frozenset(
+    getattr(errno, name)
+    for name in ("EPERM", "EOPNOTSUPP", "ENOTSUP", "EXDEV", "EMLINK", "ENOSYS", "EACCES")
+    if hasattr(errno, name)
+)
+
+
+def _lexists(path: Path) -> bool:
+    """Whether anything is at ``path``, a dangling symlink included."""
+    return os.path.lexists(path)
+
+
+def _pathconf(folder: Path, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(folder, name)
+    except (OSError, ValueError, AttributeError):  # not POSIX, or no limit
+        return default
+    return value if value > 0 else default
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
 
 
 def to_output(images: torch.Tensor, output_type: OutputType) -> list[Any]:

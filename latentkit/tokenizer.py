@@ -31,7 +31,14 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
-from latentkit.errors import InvalidArgumentError, MissingComponentError, UnsupportedModelError
+from latentkit.errors import (
+    CorruptFileError,
+    InvalidArgumentError,
+    InvalidConfigError,
+    MissingComponentError,
+    UnsupportedModelError,
+)
+from latentkit.readers import read_json_object, read_text
 
 if TYPE_CHECKING:
     import torch
@@ -359,8 +366,10 @@ class CLIPTokenizer:
         else:
             vocab = _read_json(root / "vocab.json", where)
             merges = _read_merges(root / "merges.txt", where)
-        if not all(isinstance(t, str) and isinstance(i, int) for t, i in vocab.items()):
-            raise UnsupportedModelError(f"{where}: the vocabulary must map tokens to int ids")
+        if not all(_is_id(i) for i in vocab.values()):
+            raise UnsupportedModelError(
+                f"{where}: the vocabulary must map tokens to int ids from 0 to {MAX_TOKEN_ID}"
+            )
 
         # Named special tokens: the config's, or CLIP's defaults. Without an
         # added_tokens_decoder, transformers takes the legacy files' tokens instead.
@@ -368,8 +377,16 @@ class CLIPTokenizer:
         extras = _extra_tokens(config, where, legacy=False)
         decoder: dict[int, AddedToken] = {}
         if "added_tokens_decoder" in config:
-            for index, value in config["added_tokens_decoder"].items():
-                decoder[int(index)] = AddedToken.read(value, where=f"{where} added token {index}")
+            entries = config["added_tokens_decoder"]
+            if not isinstance(entries, dict):
+                raise CorruptFileError(
+                    f"{where}/tokenizer_config.json: added_tokens_decoder must map ids to tokens",
+                    path=root / "tokenizer_config.json",
+                )
+            for index, value in entries.items():
+                decoder[_token_id(index, root / "tokenizer_config.json")] = AddedToken.read(
+                    value, where=f"{where} added token {index}"
+                )
         else:
             if (root / "special_tokens_map.json").is_file():
                 legacy = _read_json(root / "special_tokens_map.json", where)
@@ -381,12 +398,20 @@ class CLIPTokenizer:
                 specials = {t.content for t in [*named.values(), *extras] if t is not None}
                 for content, index in _read_json(root / "added_tokens.json", where).items():
                     special = content in specials
-                    decoder[int(index)] = AddedToken(
+                    decoder[_token_id(index, root / "added_tokens.json")] = AddedToken(
                         content, special=special, normalized=not special
                     )
-            for entry in backend.get("added_tokens", []) if backend is not None else []:
+            entries = backend.get("added_tokens", []) if backend is not None else []
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise CorruptFileError(
+                    f"{where}/tokenizer.json: added_tokens must be a list of objects",
+                    path=root / "tokenizer.json",
+                )
+            for entry in entries:
                 fields = {k: v for k, v in entry.items() if k != "id"}
-                decoder[int(entry["id"])] = AddedToken.read(fields, where=f"{where} added token")
+                decoder[_token_id(entry.get("id"), root / "tokenizer.json")] = AddedToken.read(
+                    fields, where=f"{where} added token"
+                )
         added = [decoder[i] for i in sorted(decoder)]
         for name in ("bos_token", "eos_token", "pad_token"):
             if name in named and named[name] is None:
@@ -447,6 +472,22 @@ class CLIPTokenizer:
     def __len__(self) -> int:
         """Tokens in the vocabulary, added tokens included."""
         return len(self.vocab.keys() | self._added.keys())
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest id this tokenizer gives (vocabulary and added tokens); -1 if none."""
+        return max([*self.vocab.values(), *self._added.values()], default=-1)
+
+    def check_embedding_size(self, vocab_size: int, *, where: str = "the text encoder") -> None:
+        """Raise `InvalidConfigError` if an id this tokenizer gives would index past an
+        embedding table of ``vocab_size`` rows (``where``'s ``vocab_size``), which would
+        fail only at generation time, inside the text encoder, with an ``IndexError``."""
+        if self.max_token_id >= vocab_size:
+            raise InvalidConfigError(
+                f"the tokenizer gives token ids up to {self.max_token_id} but {where} has "
+                f"vocab_size={vocab_size} embeddings (ids 0 to {vocab_size - 1}); the tokenizer "
+                "and the text encoder do not belong together"
+            )
 
     def get_vocab(self) -> dict[str, int]:
         """Token → id, added tokens included."""
@@ -732,16 +773,35 @@ def _extra_tokens(data: Mapping[str, Any], where: str, *, legacy: bool) -> list[
     return [t for t in tokens if t is not None]
 
 
+MAX_TOKEN_ID = 2**31 - 1
+"""Largest token id a tokenizer file may give (ids index an embedding table)."""
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_ID
+
+
+def _token_id(value: object, path: Path) -> int:
+    """A token id from a tokenizer file: an int, or the decimal string of one (JSON object
+    keys), from 0 to `MAX_TOKEN_ID`."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if not _is_id(value):
+        raise CorruptFileError(
+            f"{path.parent.name}/{path.name}: token id {value!r} is not an int from 0 to "
+            f"{MAX_TOKEN_ID}",
+            path=path,
+        )
+    assert isinstance(value, int)
+    return value
+
+
 def _read_json(path: Path, where: str) -> dict[str, Any]:
-    if not path.is_file():
+    """A tokenizer file's JSON object, through latentkit's checked reader (a missing file
+    is `MissingComponentError`, a malformed or oversized one `CorruptFileError`)."""
+    if not path.is_file() and not path.exists():
         raise MissingComponentError(f"{where}: missing {path.name}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UnsupportedModelError(f"{where}/{path.name} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise UnsupportedModelError(f"{where}/{path.name} must hold a JSON object")
-    return data
+    return read_json_object(path, label=f"{where}/{path.name}")
 
 
 def _write_json(path: Path, data: Mapping[str, Any], indent: int | None = 2) -> None:
@@ -752,9 +812,9 @@ def _write_json(path: Path, data: Mapping[str, Any], indent: int | None = 2) -> 
 def _read_merges(path: Path, where: str) -> list[tuple[str, str]]:
     """merges.txt as tokenizers reads it: one "a b" pair a line (ended by LF or CRLF);
     lines starting with "#version" are skipped, any other line must be a pair."""
-    if not path.is_file():
+    if not path.exists():
         raise MissingComponentError(f"{where}: missing {path.name}")
-    lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+    lines = read_text(path, label=f"{where}/{path.name}").replace("\r\n", "\n").split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
     pairs = [line.split(" ") for line in lines if not line.startswith("#version")]
@@ -792,6 +852,9 @@ def _backend_model(
     """Vocabulary and merges of a tokenizer.json, after checking it describes CLIP's
     tokenizer: its normaliser, its pre-tokenizer and a BPE model with CLIP's options."""
     name = f"{where}/tokenizer.json"
+    for key in ("normalizer", "pre_tokenizer", "model"):
+        if backend.get(key) is not None and not isinstance(backend[key], dict):
+            raise UnsupportedModelError(f"{name}: {key} must be a JSON object")
     if backend.get("normalizer") != _CLIP_NORMALIZER:
         raise UnsupportedModelError(
             f"{name}: the normalizer {json.dumps(backend.get('normalizer'))} is not CLIP's "
@@ -799,7 +862,11 @@ def _backend_model(
         )
     pre = backend.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
-    split, byte_level = steps if isinstance(steps, list) and len(steps) == 2 else [{}, {}]
+    split, byte_level = (
+        steps
+        if isinstance(steps, list) and len(steps) == 2 and all(isinstance(x, dict) for x in steps)
+        else [{}, {}]
+    )
     if not (
         split.get("type") == "Split"
         and split.get("pattern") in [{"Regex": p} for p in _CLIP_PATTERNS]
@@ -833,8 +900,11 @@ def _backend_model(
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         raise UnsupportedModelError(f"{name}: model.vocab must map tokens to ids")
+    listed = model.get("merges", [])
+    if not isinstance(listed, list):
+        raise UnsupportedModelError(f"{name}: model.merges must be a list of merges")
     merges: list[tuple[str, str]] = []
-    for merge in model.get("merges", []):
+    for merge in listed:
         parts = merge.split(" ") if isinstance(merge, str) else merge
         if not (
             isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)

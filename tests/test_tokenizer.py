@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 from tiny_models import write_tokenizer
 
 import latentkit
-from latentkit.errors import InvalidArgumentError, MissingComponentError, UnsupportedModelError
+from latentkit.errors import (
+    CorruptFileError,
+    InvalidArgumentError,
+    MissingComponentError,
+    UnsupportedModelError,
+)
 from latentkit.tokenizer import BOS, END_OF_WORD, EOS, CLIPTokenizer, byte_alphabet
 
 REPO = Path(__file__).parents[1]
@@ -397,7 +402,7 @@ def _set(path: list[str], value: object) -> Callable[[dict[str, Any]], None]:
         ),
         (
             lambda f: (f / "tokenizer.json").write_text("{not json"),
-            UnsupportedModelError,
+            CorruptFileError,
             "not valid JSON",
         ),
         (
