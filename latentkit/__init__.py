@@ -24,7 +24,7 @@ from latentkit.models.autoencoder import Tiling
 from latentkit.performance import Performance
 from latentkit.pipelines import Family, LatentDiffusion
 from latentkit.protocols import Autoencoder, Conditioner, Denoiser, Pipeline, SamplerStep, Scheduler
-from latentkit.request import Request
+from latentkit.request import Limits, Request, limits, set_limits
 from latentkit.results import GenerationParameters, GenerationResult
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ __all__ = [
     "GenerationParameters",
     "GenerationResult",
     "InvalidArgumentError",
+    "Limits",
     "LatentDiffusion",
     "LatentkitError",
     "MissingComponentError",
@@ -55,7 +56,9 @@ __all__ = [
     "clear_cache",
     "conditioners",
     "generate",
+    "limits",
     "load_pipeline",
     "pipelines",
     "schedulers",
+    "set_limits",
 ]

@@ -53,7 +53,23 @@ def load_pipeline(
     """
     from latentkit.loading import resolve
 
-    # Check the cheap arguments before touching the network or the disk.
+    # Check the cheap arguments before touching the network or the disk. Flags are real
+    # bools: allow_pickle="false" is a truthy string that must not opt into pickle.
+    for flag, value in (
+        ("local_files_only", local_files_only),
+        ("allow_pickle", allow_pickle),
+        ("progress", progress),
+    ):
+        if not isinstance(value, bool):
+            raise InvalidArgumentError(f"{flag} must be True or False, got {value!r}")
+    if not isinstance(source, (str, os.PathLike)) or isinstance(source, bytes):
+        raise InvalidArgumentError(
+            f"source must be a Hub repo id or a path (str or os.PathLike), not {type(source).__name__}"
+        )
+    if token is not None and not isinstance(token, (str, bool)):
+        raise InvalidArgumentError(
+            f"token must be a string, a bool or None, not {type(token).__name__}"
+        )
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if performance is not None and not isinstance(performance, Performance):

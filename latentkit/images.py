@@ -43,10 +43,26 @@ def open_image(value: ImageInput, what: str) -> Image.Image | np.ndarray | torch
     path = Path(value)
     if not path.is_file():
         raise InvalidArgumentError(f"{what}: no image file at {path}")
+    from latentkit.request import limits
+
     try:
         with PILImage.open(path) as opened:
+            # The header gives the size: refuse a decompression bomb before decoding it.
+            width, height = opened.size
+            if width * height > limits().max_input_pixels:
+                raise InvalidArgumentError(
+                    f"{what}: {path} is {width}x{height} pixels, over the limit of "
+                    f"{limits().max_input_pixels:,}; raise it with "
+                    "latentkit.set_limits(max_input_pixels=...)"
+                )
             opened.load()
             return opened.copy()
+    except PILImage.DecompressionBombError as e:
+        raise InvalidArgumentError(
+            f"{what}: {path} is too large to decode safely ({e}); latentkit reads at most "
+            f"{limits().max_input_pixels:,} pixels (latentkit.set_limits(max_input_pixels=...)) "
+            "and PIL refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS"
+        ) from e
     except (UnidentifiedImageError, OSError) as e:
         raise InvalidArgumentError(f"{what}: cannot read {path} as an image ({e})") from e
 

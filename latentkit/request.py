@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,44 @@ Prompts = str | Sequence[str]
 
 Size = tuple[int, int]
 """(height, width) in pixels."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Upper bounds on one call's work, checked before anything is allocated.
+
+    Raise them with `set_limits` (or the environment variables ``LATENTKIT_MAX_PIXELS``,
+    ``LATENTKIT_MAX_IMAGES``, ``LATENTKIT_MAX_STEPS``, ``LATENTKIT_MAX_INPUT_PIXELS``).
+    """
+
+    max_pixels: int = 4096 * 4096
+    """Most pixels of one output image (height × width): SDXL's 1024² × 16."""
+    max_images: int = 64
+    """Most images one call makes (prompts × ``num_images``)."""
+    max_steps: int = 10_000
+    """Most denoising steps (DDPM's full schedule is 1000)."""
+    max_input_pixels: int = 8192 * 8192
+    """Most pixels of an image given as input (checked from its header, before decoding)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _int_at_least(f.name, getattr(self, f.name), 1)
+
+
+def limits() -> Limits:
+    """The limits in force (see `Limits`)."""
+    return _limits
+
+
+def set_limits(**changes: int) -> Limits:
+    """Change the limits for this process (e.g. ``set_limits(max_pixels=8192**2)``); returns
+    the new `Limits`. An unknown name or a value below 1 is an `InvalidArgumentError`."""
+    global _limits
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(Limits)})
+    if unknown:
+        raise InvalidArgumentError(f"unknown limit {', '.join(unknown)}; see latentkit.Limits")
+    _limits = dataclasses.replace(_limits, **changes)
+    return _limits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +210,7 @@ class Request:
             value = getattr(self, name)
             if value is not None:
                 _check_tensor(name, value, ndim=2 if "pooled" in name else 3)
+        self._check_limits()
         if (self.prompt is None) == (self.prompt_embeds is None):
             raise InvalidArgumentError("pass either prompt or prompt_embeds (exactly one)")
         if self.negative_prompt is not None and self.negative_prompt_embeds is not None:
@@ -181,6 +221,43 @@ class Request:
             for name in ("mask_image", "strength", "denoising_start"):
                 if getattr(self, name) is not None:
                     raise InvalidArgumentError(f"{name} needs image= (the picture to start from)")
+
+    def _check_limits(self) -> None:
+        """The work this request asks for, against `limits` (before any allocation)."""
+        bounds = limits()
+        how = "raise it with latentkit.set_limits({}=...) or LATENTKIT_{}"
+        if self.steps is not None and self.steps > bounds.max_steps:
+            raise InvalidArgumentError(
+                f"steps={self.steps} exceeds the limit of {bounds.max_steps}; "
+                + how.format("max_steps", "MAX_STEPS")
+            )
+        if self.height is not None and self.width is not None:
+            pixels = self.height * self.width
+            if pixels > bounds.max_pixels:
+                raise InvalidArgumentError(
+                    f"{self.height}x{self.width} = {pixels:,} pixels exceeds the limit of "
+                    f"{bounds.max_pixels:,} per image; " + how.format("max_pixels", "MAX_PIXELS")
+                )
+        for name in ("height", "width"):
+            side = getattr(self, name)
+            if side is not None and side > bounds.max_pixels:
+                raise InvalidArgumentError(
+                    f"{name}={side} exceeds the limit of {bounds.max_pixels:,} pixels per image; "
+                    + how.format("max_pixels", "MAX_PIXELS")
+                )
+        prompts = 1
+        for value in (self.prompt, self.prompt_embeds):
+            if isinstance(value, torch.Tensor):
+                prompts = value.shape[0]
+            elif isinstance(value, Sequence) and not isinstance(value, str):
+                prompts = len(value)
+        images = prompts * self.num_images
+        if images > bounds.max_images:
+            raise InvalidArgumentError(
+                f"{prompts} prompt(s) x num_images={self.num_images} = {images} images exceeds "
+                f"the limit of {bounds.max_images} per call; "
+                + how.format("max_images", "MAX_IMAGES")
+            )
 
     @classmethod
     def create(cls, prompt: Prompts | None = None, /, **options: Any) -> Request:
@@ -308,3 +385,13 @@ FAMILY_OPTIONS = frozenset(
 )
 """Keywords only some families take (SDXL's second prompt, pooled embeddings and
 micro-conditioning); a family lists those it accepts in ``Family.options``."""
+
+
+# Read once at import: the environment can raise the limits without code changes.
+_limits = Limits(
+    **{
+        f.name: int(value)
+        for f in dataclasses.fields(Limits)
+        if (value := os.environ.get(f"LATENTKIT_{f.name.upper()}", "")).isdigit()
+    }
+)

@@ -10,6 +10,7 @@ encodes exactly as diffusers encodes it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
 
 EMPHASIS = 1.1
 """The factor of one pair of round brackets (and the divisor of square ones), as in A1111."""
+
+MAX_NESTING = 32
+"""Deepest bracket nesting a prompt may have (1.1 ** 32 ≈ 21: far beyond any useful weight)."""
+MAX_WEIGHT = 100.0
+"""Largest magnitude of an explicit ``(word:weight)``."""
 
 _TOKEN = re.compile(
     r"\\[()\[\]\\]"  # an escaped bracket or backslash: literal text
@@ -56,6 +62,18 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
 
     for match in _TOKEN.finditer(prompt):
         text, weight = match.group(0), match.group(1)
+        if len(open_round) + len(open_square) > MAX_NESTING:
+            # Each closing bracket rescales what it encloses: unbounded nesting is quadratic.
+            raise InvalidArgumentError(
+                f"the prompt nests brackets more than {MAX_NESTING} deep; escape literal "
+                "brackets as \\( \\) \\[ \\]"
+            )
+        if weight is not None and not (
+            math.isfinite(float(weight)) and abs(float(weight)) <= MAX_WEIGHT
+        ):
+            raise InvalidArgumentError(
+                f"emphasis weight {weight} is outside [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]"
+            )
         if text.startswith("\\") and len(text) == 2:
             runs.append([text[1], 1.0])
         elif text == "(":

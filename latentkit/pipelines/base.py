@@ -8,6 +8,7 @@ between families (SD 1.x/2.x, SDXL) is declared in `latentkit.pipelines.family.F
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
@@ -22,15 +23,20 @@ from latentkit import images, schedulers
 from latentkit.conditioners.depth import DepthConditioner, DepthInput
 from latentkit.conditioners.mask import MaskConditioner, MaskedImage
 from latentkit.conditioners.text import TextConditioner, TextEmbeddings, encode_prompts
-from latentkit.devices import resolve_device, resolve_dtype
-from latentkit.errors import InvalidArgumentError, MissingComponentError, UnsupportedModelError
+from latentkit.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+from latentkit.errors import (
+    InvalidArgumentError,
+    MissingComponentError,
+    NonFiniteError,
+    UnsupportedModelError,
+)
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
 from latentkit.noise import first_generator, randn
 from latentkit.performance import Performance, Runtime
 from latentkit.pipelines.family import Family
 from latentkit.pipelines.sd import StableDiffusionFamily
 from latentkit.protocols import Generators, Scheduler, Seeds
-from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int
+from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int, limits
 from latentkit.results import GenerationParameters, GenerationResult, to_output
 from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
 from latentkit.tokenizer import CLIPTokenizer
@@ -315,6 +321,8 @@ class LatentDiffusion:
     def run(self, request: Request) -> GenerationResult:
         """Generate the images a checked `Request` asks for."""
         self._check(request)
+        if request.clip_skip is None and self.spec.clip_skip is not None:
+            request = dataclasses.replace(request, clip_skip=self.spec.clip_skip)
         steps = request.steps or int(self.defaults.get("steps", DEFAULT_STEPS))
         guidance = request.guidance_scale
         if guidance is None:
@@ -323,6 +331,11 @@ class LatentDiffusion:
         prompts, negatives = self._prompts(request)
         inputs = self._image_inputs(request)
         height, width = inputs.size if inputs is not None else self._size(request)
+        if height * width > limits().max_pixels:
+            raise InvalidArgumentError(
+                f"{height}x{width} pixels exceeds the limit of {limits().max_pixels:,} per "
+                "image; raise it with latentkit.set_limits(max_pixels=...)"
+            )
         batch = len(prompts[0]) * request.num_images
         assert self.runtime is not None
         rt = self.runtime
@@ -372,7 +385,7 @@ class LatentDiffusion:
                 outputs: list[Any] = list(latents)
             else:
                 with rt.stage(self.vae):
-                    decoded = self.vae.decode(latents.to(self._vae_dtype), tiling=rt.tiling)
+                    decoded = self._decode(latents)
                 outputs = to_output(decoded.to(self.dtype), request.output_type)
         strength = None if inputs is None else inputs.strength
         params = [
@@ -730,6 +743,12 @@ class LatentDiffusion:
             for _ in range(last - first):
                 step = run.send(replacement)
                 latents = step.sample
+                if not bool(torch.isfinite(latents).all()):
+                    # Never decode NaN into a black image and call it a result.
+                    raise NonFiniteError(
+                        f"the latents became NaN/inf at step {step.index + 1} of {last - first}"
+                        f"{self._nonfinite_cause((self.unet, *(t.text_encoder for t in self.text)))}"
+                    )
                 if start.blend is not None:
                     # Keep the known region: the original latents, noised to the level the
                     # sampler has reached, outside the mask (the last step keeps them clean).
@@ -744,6 +763,48 @@ class LatentDiffusion:
                     request.callback(step)
             run.close()
         return latents
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels of ``latents``; a half-precision autoencoder that overflows is retried in
+        float32 with a warning (as A1111 does), and NaN/inf is never returned as an image."""
+        assert self.runtime is not None
+        tiling = self.runtime.tiling
+        decoded = self.vae.decode(latents.to(self._vae_dtype), tiling=tiling)
+        if bool(torch.isfinite(decoded).all()):
+            return decoded
+        if self._vae_dtype in (torch.float16, torch.bfloat16):
+            logger.warning(
+                "%s: the %s autoencoder overflowed while decoding; decoding again in float32",
+                self.name,
+                self._vae_dtype,
+            )
+            wide = copy.deepcopy(self.vae).float()
+            decoded = wide.decode(latents.float(), tiling=tiling)
+            if bool(torch.isfinite(decoded).all()):
+                return decoded
+        raise NonFiniteError(
+            f"the autoencoder decoded NaN/inf pixels{self._nonfinite_cause((self.vae,))}"
+        )
+
+    def _nonfinite_cause(self, modules: Sequence[torch.nn.Module]) -> str:
+        """What most likely made NaN: a non-finite weight (named), else half-precision overflow."""
+        bad = [
+            f"{type(m).__name__}.{name}"
+            for m in modules
+            for name, tensor in m.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            return (
+                f": the weights hold NaN/inf ({', '.join(bad[:3])}{more}); the model file is broken"
+            )
+        if self.dtype in (torch.float16, torch.bfloat16):
+            return (
+                f": likely a {DTYPE_NAMES[self.dtype]} overflow; load the model with dtype='fp32' "
+                "(or 'bf16' instead of 'fp16')"
+            )
+        return ": the weights are finite; try another scheduler, fewer steps or lower guidance"
 
     @property
     def _vae_dtype(self) -> torch.dtype:
