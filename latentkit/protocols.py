@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, run
 import torch
 
 if TYPE_CHECKING:
-    from latentkit.results import GenerationResult, OutputType
+    from latentkit.results import GenerationResult
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 """What the network predicts: the noise, the velocity ``v`` (Salimans & Ho 2022, sec. 4) or ``x0``."""
