@@ -3,6 +3,8 @@
     python benchmarks/compare.py                           # SD 1.5 architecture, CPU settings
     python benchmarks/compare.py --settings cuda-fp16-512  # on a GPU machine
     python benchmarks/compare.py --arch tiny --settings cpu-fp32-256 --steps 2 --repeats 1
+    python benchmarks/compare.py --arch sdxl                # SDXL base: 512² and 1024², 3 steps
+    python benchmarks/compare.py --arch sdxl-tiny --settings cpu-fp32-256 --steps 2 --repeats 1
 
 Every measurement runs in a fresh Python process, the libraries alternate (latentkit,
 diffusers, latentkit, ...) and the medians over ``--repeats`` rounds are reported. See
@@ -37,12 +39,34 @@ LATENTKIT_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {}, "cuda": {}}
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 LIBRARIES = ("latentkit", "diffusers")
-CPU_SETTINGS = ("cpu-fp32-256", "cpu-fp32-512", "cpu-bf16-512")
+CPU_SETTINGS = (
+    "cpu-fp32-256",
+    "cpu-fp32-512",
+    "cpu-bf16-512",
+    "cpu-fp32-1024",
+    "cpu-bf16-1024",
+)
 CUDA_SETTINGS = ("cuda-fp16-512", "cuda-bf16-512", "cuda-fp16-1024", "cuda-bf16-1024")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 GUIDANCE = 7.5
 SCHEDULER = "dpm-solver++"  # diffusers: DPMSolverMultistepScheduler, whose default is dpmsolver++
 TINY_SIZE = 64  # the tiny test UNet/VAE: any multiple of 8 works, 64 keeps a run to seconds
+
+# --arch: what it builds, and its defaults for --settings, --steps and --repeats.
+ARCHES: dict[str, str] = {
+    "sd15": "SD 1.5's architecture (860M UNet)",
+    "sdxl": "SDXL base's architecture (2.6B UNet, CLIP ViT-L + OpenCLIP bigG), fp16 files",
+    "tiny": "the test suite's tiny SD 1.x models, for smoke tests",
+    "sdxl-tiny": "the test suite's tiny SDXL models, for smoke tests",
+}
+TINY_ARCHES = ("tiny", "sdxl-tiny")
+DEFAULT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "sd15": ("cpu-fp32-256", "cpu-fp32-512", "cpu-bf16-512"),
+    # One 1024² SDXL step (UNet batch 2) takes about a minute on 2 cores: few steps, one round.
+    "sdxl": ("cpu-fp32-512", "cpu-fp32-1024"),
+}
+DEFAULT_STEPS = {"sdxl": 3}  # others: 4
+DEFAULT_REPEATS = {"sdxl": 1}  # others: 2
 
 # Stable Diffusion 1.5's component configs (stable-diffusion-v1-5/stable-diffusion-v1-5).
 SD15_UNET: dict[str, Any] = dict(
@@ -96,6 +120,54 @@ SD15_TEXT: dict[str, Any] = dict(
     pad_token_id=49407,
 )
 
+# Stable Diffusion XL base's component configs (stabilityai/stable-diffusion-xl-base-1.0),
+# the keys that differ from diffusers' defaults. UNet: 2,567,463,684 parameters (see
+# tests/test_sdxl_models.py, which checks this config against diffusers on the meta device).
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG), concatenated
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # pooled bigG 1280 + 6 size/crop ids x 256
+    norm_num_groups=32,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+)
+# SD's VAE architecture with SDXL's latent scale; force_upcast: decode in fp32 under fp16.
+SDXL_VAE: dict[str, Any] = SD15_VAE | dict(
+    sample_size=1024, scaling_factor=0.13025, force_upcast=True
+)
+# OpenCLIP ViT-bigG/14's text tower (text_encoder_2/config.json): 694.7M parameters. The
+# published bos/eos/pad (0/2/1) are kept: eos 2 makes transformers (and latentkit) pool at
+# the highest token id, which is <|endoftext|> (49407) with the tokenizer written here.
+SDXL_TEXT_2: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=1280,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
 # (key, label) of the metrics in the table, in order; CUDA-only keys are skipped on the CPU.
 METRICS = (
     ("import_s", "import (s, on top of torch)"),
@@ -126,12 +198,15 @@ def _tiny_models() -> Any:
     return tiny_models
 
 
-def _write_sd15_tokenizer(folder: Path, vocab_size: int = 49408) -> None:
+def _write_clip_tokenizer(
+    folder: Path, vocab_size: int = 49408, *, pad_token: str = "<|endoftext|>"
+) -> None:
     """A CLIP BPE tokenizer with exactly ViT-L/14's vocab size, written offline.
 
     The real vocab cannot be downloaded here; what matters for the benchmark is that the
     token embedding has 49408 rows and the special tokens sit where CLIP has them (49406,
-    49407). The byte alphabet tokenizes any prompt; dummy entries fill the rest.
+    49407). The byte alphabet tokenizes any prompt; dummy entries fill the rest. SDXL's
+    second tokenizer pads with ``"!"`` (id 0 here as in CLIP's vocab), not ``<|endoftext|>``.
     """
     from transformers import CLIPTokenizer
 
@@ -142,7 +217,7 @@ def _write_sd15_tokenizer(folder: Path, vocab_size: int = 49408) -> None:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     assert len(vocab) == vocab_size
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
     tok.save_pretrained(str(folder))
 
 
@@ -154,7 +229,7 @@ def _build_sd15() -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        _write_sd15_tokenizer(Path(tmp))
+        _write_clip_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
@@ -174,9 +249,65 @@ def _build_sd15() -> Any:
     )
 
 
+def _build_sdxl() -> Any:
+    """SDXL base's architecture with random weights, stored in float16.
+
+    fp16 files, because that is how SDXL is mostly downloaded and run (the base repository's
+    ``fp16`` variant), and because it halves the ~14 GB of fp32 files (and the memory needed
+    to write them). Both libraries read the same bytes and convert them to the setting's dtype
+    at load time, so the images still compare exactly; the cost is that load time includes
+    that conversion and that RSS / weights size is about 2 for fp32 settings, 1 for bf16.
+    Each model is halved as soon as it is built, so the peak while writing is the fp32 UNet
+    (10.3 GB) rather than all of them.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_clip_tokenizer(Path(tmp) / "1")
+        _write_clip_tokenizer(Path(tmp) / "2", pad_token="!")
+        tokenizer = CLIPTokenizer.from_pretrained(str(Path(tmp) / "1"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(Path(tmp) / "2"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SDXL_UNET).half()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SDXL_VAE).half()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).half()
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)).half()
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler.from_config(_tiny_models().SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
 def build_folder(arch: str, folder: str) -> None:
     """Write the ``arch`` pipeline to ``folder`` (runs in its own process; see `ensure_folder`)."""
-    pipe = _build_sd15() if arch == "sd15" else _tiny_models().build_pipeline("sd1")
+    if arch == "sd15":
+        pipe = _build_sd15()
+    elif arch == "sdxl":
+        pipe = _build_sdxl()
+    else:
+        pipe = _tiny_models().build_pipeline({"tiny": "sd1", "sdxl-tiny": "sdxl"}[arch])
     # Write next to the target and rename, so an interrupted write is never mistaken for a
     # finished folder on the next run.
     target = Path(folder)
@@ -219,7 +350,8 @@ if spec["library"] == "latentkit":
     import latentkit
 else:
     import diffusers
-    diffusers.StableDiffusionPipeline  # diffusers imports lazily: load the pipeline for real
+    # diffusers imports lazily: load the pipeline class (and transformers) for real.
+    getattr(diffusers, spec["diffusers_class"])
 spec["import_s"] = time.perf_counter() - start
 sys.path.insert(0, spec["benchmarks_dir"])
 __import__(spec["module"]).measure(spec)
@@ -302,13 +434,20 @@ def measure(spec: dict[str, Any]) -> None:
             ).images[0]
 
     else:
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        import diffusers
+        from diffusers import DPMSolverMultistepScheduler
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            spec["folder"], torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
-        ).to(device)
+        # The folder's own pipeline class (model_index.json), with no post-processing that
+        # latentkit does not do either: no safety checker (SD), no watermark (SDXL).
+        pipeline_class = getattr(diffusers, spec["diffusers_class"])
+        extra: dict[str, Any] = (
+            {"add_watermarker": False}
+            if "XL" in spec["diffusers_class"]
+            else {"safety_checker": None, "requires_safety_checker": False}
+        )
+        pipe = pipeline_class.from_pretrained(spec["folder"], torch_dtype=dtype, **extra).to(device)
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 
@@ -510,22 +649,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--settings",
-        default=",".join(CPU_SETTINGS),
-        help=f"comma-separated DEVICE-DTYPE-SIZE (default: %(default)s; GPU: {','.join(CUDA_SETTINGS)})",
+        help=(
+            f"comma-separated DEVICE-DTYPE-SIZE (default: {','.join(DEFAULT_SETTINGS['sdxl'])} "
+            f"for --arch sdxl, {','.join(DEFAULT_SETTINGS['sd15'])} otherwise; "
+            f"CPU: {','.join(CPU_SETTINGS)}; GPU: {','.join(CUDA_SETTINGS)})"
+        ),
     )
     parser.add_argument(
         "--arch",
-        choices=("sd15", "tiny"),
+        choices=tuple(ARCHES),
         default="sd15",
-        help="sd15: SD 1.5's architecture (860M UNet); tiny: the test models, for smoke tests",
+        help="; ".join(f"{a}: {d}" for a, d in ARCHES.items()) + " (default: %(default)s)",
     )
     parser.add_argument("--model-dir", type=Path, help="default: benchmarks/.cache/<arch>-random")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds per library (default 2)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 4; 3 for --arch sdxl)")
+    parser.add_argument(
+        "--repeats", type=int, help="rounds per library (default 2; 1 for --arch sdxl)"
+    )
     parser.add_argument(
         "--size",
         type=int,
-        help=f"override every setting's height=width (default: the setting's; {TINY_SIZE} for --arch tiny)",
+        help=(
+            f"override every setting's height=width (default: the setting's; {TINY_SIZE} for "
+            f"--arch {'/'.join(TINY_ARCHES)})"
+        ),
     )
     parser.add_argument("--prompt", default="a photo of a cat")
     parser.add_argument("--seed", type=int, default=0)
@@ -549,6 +696,12 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    if args.settings is None:
+        args.settings = ",".join(DEFAULT_SETTINGS.get(args.arch, DEFAULT_SETTINGS["sd15"]))
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS.get(args.arch, 4)
+    if args.repeats is None:
+        args.repeats = DEFAULT_REPEATS.get(args.arch, 2)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in settings:
         parse_setting(s)
@@ -561,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     folder = (args.model_dir or HERE / ".cache" / f"{args.arch}-random").resolve()
     ensure_folder(args.arch, folder)
     weights = weights_bytes(folder)
+    # diffusers loads the folder with its own pipeline class (StableDiffusionPipeline,
+    # StableDiffusionXLPipeline, ...); latentkit's load_pipeline detects the family itself.
+    diffusers_class = json.loads((folder / "model_index.json").read_text())["_class_name"]
     json_path = args.json or default_json_path(settings, args.arch)
 
     meta = {
@@ -604,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{setting}: skipped, CUDA is not available")
                 results[setting] = {"skipped": "CUDA not available"}
                 continue
-            size = args.size or (TINY_SIZE if args.arch == "tiny" else size)
+            size = args.size or (TINY_SIZE if args.arch in TINY_ARCHES else size)
             lib_dtypes = {
                 "latentkit": dtype,
                 "diffusers": diffusers_dtype(device, dtype, args.diffusers_bf16),
@@ -633,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
                         "module": Path(__file__).stem,
                         "benchmarks_dir": str(HERE),
                         "folder": str(folder),
+                        "diffusers_class": diffusers_class,
                         "weights_bytes": weights,
                         "device": device,
                         "dtype": DTYPES[lib_dtypes[library]],
