@@ -28,9 +28,16 @@ EXAMPLES = {
     "inpainting.py": ["inpainting.png"],
     "depth_to_image.py": ["depth_estimated.png", "depth_given.png"],
     "fast_generation.py": ["fast_generation-plain.png", "fast_generation-fast.png"],
+    "sdxl.py": ["sdxl.png"],
 }
 # The tiny model each example runs on (fixtures in conftest.py); the rest use "sd1_path".
-MODELS = {"inpainting.py": "inpaint_path", "depth_to_image.py": "depth_path"}
+MODELS = {
+    "inpainting.py": "inpaint_path",
+    "depth_to_image.py": "depth_path",
+    "sdxl.py": "sdxl_path",
+}
+# Further model arguments an example takes: option -> fixture.
+MORE_MODELS = {"sdxl.py": {"--refiner": "sdxl_refiner_path"}}
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -45,6 +52,8 @@ def test_example_runs(script: str, tmp_path: Path, request: pytest.FixtureReques
     model = request.getfixturevalue(MODELS.get(script, "sd1_path"))
     cmd = [sys.executable, f"examples/{script}", "--model", str(model), "--steps", "2"]
     cmd += ["--size", str(SIZE), "--output", str(tmp_path), "--device", "cpu"]
+    for option, fixture in MORE_MODELS.get(script, {}).items():
+        cmd += [option, str(request.getfixturevalue(fixture))]
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr
     for name in EXAMPLES[script]:
@@ -63,6 +72,8 @@ def test_example_runs(script: str, tmp_path: Path, request: pytest.FixtureReques
         assert samplers == ["pndm", "ddim", "dpm-solver++", "ddim"]
     if script == "fast_generation.py":
         assert "largest pixel difference" in proc.stdout
+    if script == "sdxl.py":
+        assert proc.stdout.startswith("stable-diffusion-xl: ")  # the family was detected
     if script == "progress_callback.py":
         records = json.loads((tmp_path / "steps.json").read_text())
         assert records and [r["index"] for r in records] == list(range(records[0]["total"]))
