@@ -280,6 +280,10 @@ class Attention(nn.Module):
             return
         parts = ["to_k", "to_v"] if self.cross else ["to_q", "to_k", "to_v"]
         layers = [getattr(self, name) for name in parts]
+        if any(type(layer) is not nn.Linear for layer in layers):
+            # An adapted projection (a LoRA side path, `latentkit.adapters.lora`) computes more
+            # than its weight: fusing would drop the side path, so leave this attention unfused.
+            return
         first = layers[0]
         # Built on the meta device (no random init to throw away), then given the weights.
         fused = nn.Linear(
@@ -537,7 +541,14 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         h, w = x.shape[-2:]
-        if self.phases and tuple(size) == (2 * h, 2 * w) and h * w >= UPSAMPLE_PHASES_MIN_PIXELS:
+        # Phases read the convolution's weight, so only a plain `Conv2d` (not one carrying a
+        # LoRA side path, `latentkit.adapters.lora`) may run by phases.
+        if (
+            self.phases
+            and type(self.conv) is Conv2d
+            and tuple(size) == (2 * h, 2 * w)
+            and h * w >= UPSAMPLE_PHASES_MIN_PIXELS
+        ):
             return upsample_conv2d(x, self.conv.weight, self.conv.bias)
         out: Tensor = self.conv(F.interpolate(x, size=size, mode="nearest"))
         return out
