@@ -33,6 +33,9 @@ class Family:
     this one accepts."""
     text_layer: ClassVar[TextLayer] = "last"
     """The text encoders' hidden states the UNet attends to."""
+    clip_skip: ClassVar[int | None] = None
+    """The ``clip_skip`` when the caller does not say (1 for models trained on the layer
+    before ``text_layer``, as A1111's "Clip skip 2" models are)."""
     guidance_scale: ClassVar[float] = 7.5
     """The guidance scale when neither the caller nor the model says."""
     img2img_strength: ClassVar[float] = 0.8
