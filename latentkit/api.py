@@ -27,6 +27,7 @@ def load_pipeline(
     variant: str | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    torch_dtype: str | torch.dtype | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
@@ -70,6 +71,11 @@ def load_pipeline(
         raise InvalidArgumentError(
             f"token must be a string, a bool or None, not {type(token).__name__}"
         )
+    if torch_dtype is not None:
+        # diffusers' name for it, so code moved from diffusers keeps working.
+        if dtype != "auto":
+            raise InvalidArgumentError("pass dtype or torch_dtype (an alias of dtype), not both")
+        dtype = torch_dtype
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if performance is not None and not isinstance(performance, Performance):

@@ -16,7 +16,7 @@ import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -95,6 +95,13 @@ class Request:
     seed: Seeds = None
     """An int (one CPU generator for the batch, as diffusers'
     ``torch.Generator("cpu").manual_seed(seed)``), one int per image, or ``None`` (fresh)."""
+    generator: torch.Generator | Sequence[torch.Generator] | None = None
+    """diffusers' convention instead of ``seed``: a ``torch.Generator`` for the batch or one per
+    image, drawn from as given (its state advances); the PNG records each one's initial seed."""
+    latents: torch.Tensor | None = None
+    """Start from this noise (B, C, h, w) instead of drawing it (diffusers' ``latents``)."""
+    prompt_syntax: Literal["a1111", "plain"] = "a1111"
+    """``"a1111"``: ``(word:1.3)`` / ``[word]`` weight words; ``"plain"``: brackets are text."""
     height: int | None = None
     """Image height in pixels, a multiple of 8; ``None``: the input image's or the model's."""
     width: int | None = None
@@ -129,6 +136,23 @@ class Request:
     (0.8 SD image-to-image, 0.3 SDXL image-to-image), 1.0 for inpainting."""
     depth_map: ImageInput | None = None
     """Depth-to-image models: the depth to follow (grey image, array or tensor (H, W))."""
+    control_image: ImageInput | Sequence[ImageInput] | None = None
+    """ControlNet (``pipeline.with_controlnet``): the control image (edges, depth, pose...),
+    or a list with one per ControlNet in the order they were attached; resized to the output
+    size (text-to-image without ``height``/``width`` takes the first one's size)."""
+    control_scale: float | Sequence[float] = 1.0
+    """How strongly the ControlNets steer (diffusers' ``controlnet_conditioning_scale``):
+    one number for all, or one per ControlNet."""
+    control_start: float | Sequence[float] = 0.0
+    """The fraction of the run's evaluations before which a ControlNet is off (diffusers'
+    ``control_guidance_start``); one for all, or one per ControlNet."""
+    control_end: float | Sequence[float] = 1.0
+    """The fraction of the run's evaluations after which a ControlNet is off (diffusers'
+    ``control_guidance_end``); above ``control_start``."""
+    guess_mode: bool = False
+    """ControlNet guess mode: the ControlNets steer only the conditional branch of guidance,
+    with residuals scaled from 0.1 (finest) to 1 (middle block), so the control image is
+    followed even without a prompt (Zhang et al. 2023, sec. 4.1; guidance 3-5 recommended)."""
     denoising_start: float | None = None
     """Start this fraction of the way through the schedule from ``image`` as it is (no noise
     added): the refiner's half of an ensemble-of-experts handoff. Overrides ``strength``."""
@@ -199,6 +223,26 @@ class Request:
             )
         if not isinstance(self.progress, bool):
             raise InvalidArgumentError(f"progress must be True or False, got {self.progress!r}")
+        if self.prompt_syntax not in ("a1111", "plain"):
+            raise InvalidArgumentError(
+                f"prompt_syntax must be 'a1111' or 'plain', got {self.prompt_syntax!r}"
+            )
+        if self.generator is not None:
+            items = (
+                [self.generator] if isinstance(self.generator, torch.Generator) else self.generator
+            )
+            if (
+                not isinstance(items, Sequence)
+                or not items
+                or not all(isinstance(g, torch.Generator) for g in items)
+            ):
+                raise InvalidArgumentError(
+                    "generator must be a torch.Generator or a non-empty list of them"
+                )
+            if self.seed is not None:
+                raise InvalidArgumentError("pass seed or generator, not both")
+        if self.latents is not None:
+            _check_tensor("latents", self.latents, ndim=4)
         if self.callback is not None and not callable(self.callback):
             raise InvalidArgumentError("callback must be callable")
         for name in (
@@ -217,10 +261,40 @@ class Request:
             raise InvalidArgumentError("pass negative_prompt or negative_prompt_embeds, not both")
         if self.prompt_2 is not None and self.prompt is None:
             raise InvalidArgumentError("prompt_2 goes with prompt, not with prompt_embeds")
+        self._check_control()
         if self.image is None:
             for name in ("mask_image", "strength", "denoising_start"):
                 if getattr(self, name) is not None:
                     raise InvalidArgumentError(f"{name} needs image= (the picture to start from)")
+
+    def _check_control(self) -> None:
+        """The ``control_*`` keywords' types and ranges (their count against the attached
+        ControlNets is the pipeline's check)."""
+        image = self.control_image
+        if isinstance(image, (list, tuple)) and not image:
+            raise InvalidArgumentError("control_image must be an image or a non-empty list")
+        for name, low, high in (
+            ("control_scale", -1e3, 1e3),
+            ("control_start", 0.0, 1.0),
+            ("control_end", 0.0, 1.0),
+        ):
+            value = getattr(self, name)
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not values:
+                raise InvalidArgumentError(f"{name} must be a number or a non-empty list")
+            for v in values:
+                _number_in(name, v, low, high)
+        start, end = self.control_start, self.control_end
+        if is_real(start) and is_real(end) and start >= end:  # type: ignore[operator]
+            raise InvalidArgumentError(f"control_start ({start}) must be below control_end ({end})")
+        if not isinstance(self.guess_mode, bool):
+            raise InvalidArgumentError(f"guess_mode must be True or False, got {self.guess_mode!r}")
+        if image is None:
+            for name in ("control_scale", "control_start", "control_end", "guess_mode"):
+                if name in self.given():
+                    raise InvalidArgumentError(
+                        f"{name} needs control_image= (and a ControlNet: pipe.with_controlnet)"
+                    )
 
     def _check_limits(self) -> None:
         """The work this request asks for, against `limits` (before any allocation)."""
@@ -356,7 +430,7 @@ def _check_prompts(name: str, value: object) -> None:
 
 def _check_tensor(name: str, value: object, *, ndim: int) -> None:
     if not isinstance(value, torch.Tensor) or value.ndim != ndim or not value.is_floating_point():
-        shape = "(batch, tokens, width)" if ndim == 3 else "(batch, width)"
+        shape = {2: "(batch, width)", 3: "(batch, tokens, width)", 4: "(batch, C, h, w)"}[ndim]
         raise InvalidArgumentError(f"{name} must be a float tensor of shape {shape}")
     if not bool(torch.isfinite(value).all()):
         raise InvalidArgumentError(f"{name} contains NaN or infinite values")

@@ -107,6 +107,10 @@ TextLayer = Literal["last", "penultimate"]
 (SD 1.x/2.x) or the penultimate layer's without it (SDXL)."""
 
 
+PromptSyntax = Literal["a1111", "plain"]
+"""How prompts are read: A1111's emphasis brackets, or plain text."""
+
+
 @dataclass(frozen=True)
 class TextEmbeddings:
     """What text encoders give the denoiser: per-token states and a pooled vector."""
@@ -176,11 +180,13 @@ class TextConditioner:
         """Encode a batch of prompts to (B, 77 × chunks, D) hidden states (deterministic)."""
         return self.embed(self.tokenize(value), device=device, dtype=dtype)
 
-    def tokenize(self, prompts: Sequence[str], *, chunks: int = 1) -> PromptTokens:
+    def tokenize(
+        self, prompts: Sequence[str], *, chunks: int = 1, syntax: PromptSyntax = "a1111"
+    ) -> PromptTokens:
         """Token ids, emphasis weights and masks of ``prompts``, in at least ``chunks`` chunks
         (all prompts get as many as the longest needs; extra chunks encode an empty prompt)."""
         inner = self.window - 2
-        per_prompt = [self._tokens_and_weights(p) for p in prompts]
+        per_prompt = [self._tokens_and_weights(p, syntax) for p in prompts]
         count = max([chunks, *((len(ids) + inner - 1) // inner for ids, _ in per_prompt)])
         start, end = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
@@ -270,14 +276,17 @@ class TextConditioner:
             hidden = hidden * (before / hidden.mean(dim=(1, 2), keepdim=True))
         return TextEmbeddings(hidden=hidden.reshape(batch, count * window, -1), pooled=pooled)
 
-    def chunks(self, prompts: Sequence[str]) -> int:
+    def chunks(self, prompts: Sequence[str], *, syntax: PromptSyntax = "a1111") -> int:
         """How many window chunks the longest of ``prompts`` needs."""
-        return self.tokenize(prompts).chunks
+        return self.tokenize(prompts, syntax=syntax).chunks
 
-    def _tokens_and_weights(self, prompt: str) -> tuple[list[int], list[float]]:
+    def _tokens_and_weights(
+        self, prompt: str, syntax: PromptSyntax = "a1111"
+    ) -> tuple[list[int], list[float]]:
         tokens: list[int] = []
         weights: list[float] = []
-        for text, weight in parse_emphasis(prompt):
+        runs = parse_emphasis(prompt) if syntax == "a1111" else [(prompt, 1.0)]
+        for text, weight in runs:
             ids = self.tokenizer(
                 text, add_special_tokens=False, truncation=False, verbose=False
             ).input_ids
@@ -295,6 +304,7 @@ def encode_prompts(
     clip_skip: int | None,
     device: torch.device,
     dtype: torch.dtype,
+    syntax: PromptSyntax = "a1111",
 ) -> TextEmbeddings:
     """Encode ``prompts[i]`` with ``encoders[i]`` in ``chunks`` chunks each and concatenate the
     hidden states along the width (SDXL: CLIP ViT-L's 768 then OpenCLIP bigG's 1280, Podell
@@ -303,7 +313,7 @@ def encode_prompts(
     pooled = None
     for encoder, texts in zip(encoders, prompts, strict=True):
         out = encoder.encode_tokens(
-            encoder.tokenize(texts, chunks=chunks),
+            encoder.tokenize(texts, chunks=chunks, syntax=syntax),
             device=device,
             dtype=dtype,
             clip_skip=clip_skip,

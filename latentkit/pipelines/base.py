@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -340,16 +341,12 @@ class LatentDiffusion:
         assert self.runtime is not None
         rt = self.runtime
         with rt.session():
-            seeds = _seeds(request.seed, batch)
+            generators, seeds = _generators(request, batch)
             sched = self.resolve_scheduler(request.scheduler)
             first, last = self._span(sched, steps, request, inputs)
             with rt.stage(*(t.text_encoder for t in self.text)):
                 cond = self._conditioning(request, prompts, negatives, guided, (height, width))
             cond = cond.repeat(request.num_images)  # rows stay grouped: [negatives; prompts]
-            generators: list[torch.Generator] | torch.Generator
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            if request.seed is None or is_int(request.seed):
-                generators = generators[0]  # one generator for the batch, as diffusers draws it
             shape = (
                 batch,
                 self.vae.latent_channels,
@@ -381,12 +378,18 @@ class LatentDiffusion:
                 latents = self._denoise(
                     sched, model, start, steps, first, last, generators, request
                 )
+            outputs: Any
             if request.output_type == "latent":
-                outputs: list[Any] = list(latents)
+                outputs = latents  # (B, C, h, w), as diffusers returns them
             else:
                 with rt.stage(self.vae):
                     decoded = self._decode(latents)
                 outputs = to_output(decoded.to(self.dtype), request.output_type)
+                # Batched like diffusers: an array (N, H, W, 3) or a tensor (N, 3, H, W).
+                if request.output_type == "np":
+                    outputs = np.stack(outputs)
+                elif request.output_type == "pt":
+                    outputs = torch.stack(outputs)
         strength = None if inputs is None else inputs.strength
         params = [
             GenerationParameters(
@@ -612,12 +615,16 @@ class LatentDiffusion:
                 clip_skip=request.clip_skip,
                 device=device,
                 dtype=dtype,
+                syntax=request.prompt_syntax,
             )
 
         need_negative = guided and request.negative_prompt_embeds is None and not zeros
         if request.prompt_embeds is None:
             lists = prompts + (negatives if need_negative else [])
-            chunks = max(t.chunks(p) for t, p in zip(self.text * 2, lists, strict=False))
+            syntax = request.prompt_syntax
+            chunks = max(
+                t.chunks(p, syntax=syntax) for t, p in zip(self.text * 2, lists, strict=False)
+            )
             text = encode(prompts, chunks)
         else:
             text = TextEmbeddings(
@@ -640,7 +647,8 @@ class LatentDiffusion:
             negative = TextEmbeddings(torch.zeros_like(text.hidden), pooled)
         else:
             if chunks * window != text.hidden.shape[1] or any(
-                t.chunks(n) > chunks for t, n in zip(self.text, negatives, strict=True)
+                t.chunks(n, syntax=request.prompt_syntax) > chunks
+                for t, n in zip(self.text, negatives, strict=True)
             ):
                 raise InvalidArgumentError(
                     f"the negative prompt needs more tokens than the prompt embeddings' "
@@ -666,8 +674,19 @@ class LatentDiffusion:
         """
         device, dtype = self.device, self.dtype
         batch = shape[0]
+        given = request.latents
+        if given is not None and tuple(given.shape) != shape:
+            raise InvalidArgumentError(
+                f"latents must have shape {shape} for this call, got {tuple(given.shape)}"
+            )
+
+        def draw() -> torch.Tensor:
+            if given is not None:  # the caller's noise; the generator is not drawn from
+                return given.to(device=device, dtype=dtype)
+            return randn(shape, generator=generators, device=device, dtype=dtype)
+
         if inputs is None:
-            return Start(randn(shape, generator=generators, device=device, dtype=dtype))
+            return Start(draw())
         channels = self.unet.config.in_channels
         known = None
         if inputs.latents is not None:
@@ -689,7 +708,7 @@ class LatentDiffusion:
             known = known.repeat(batch // known.shape[0], 1, 1, 1)
             if request.denoising_start is not None and inputs.mask is None:
                 return Start(known, resume=known)
-        noise = randn(shape, generator=generators, device=device, dtype=dtype)
+        noise = draw()
         init = None if inputs.from_noise else known
         concat = None
         if channels == 5:
@@ -742,7 +761,7 @@ class LatentDiffusion:
         with bar:
             for _ in range(last - first):
                 step = run.send(replacement)
-                latents = step.sample
+                latents, replacement = step.sample, None
                 if not bool(torch.isfinite(latents).all()):
                     # Never decode NaN into a black image and call it a result.
                     raise NonFiniteError(
@@ -760,7 +779,15 @@ class LatentDiffusion:
                     step = dataclasses.replace(step, sample=latents)
                 bar.update(1)
                 if request.callback is not None:
-                    request.callback(step)
+                    sent = request.callback(step)
+                    if isinstance(sent, torch.Tensor):
+                        # diffusers' callback_on_step_end may replace the latents; so may ours.
+                        if sent.shape != latents.shape:
+                            raise InvalidArgumentError(
+                                f"the callback returned latents of shape {tuple(sent.shape)}, "
+                                f"expected {tuple(latents.shape)}"
+                            )
+                        latents = replacement = sent.to(latents)
             run.close()
         return latents
 
@@ -879,6 +906,28 @@ def _scheduler_config(files: ModelFiles) -> dict[str, Any]:
         )
         config = {**config, **fixes}
     return config
+
+
+def _generators(request: Request, batch: int) -> tuple[Generators, list[int]]:
+    """The generator(s) a call draws from and each image's seed, for the PNG.
+
+    One int seed (or none) gives one CPU generator for the batch, a list one per image, as
+    diffusers draws them; ``generator=`` is used as given, its initial seed recorded.
+    """
+    if request.generator is not None:
+        given = request.generator
+        if isinstance(given, torch.Generator):
+            return given, [given.initial_seed()] * batch
+        if len(given) != batch:
+            raise InvalidArgumentError(
+                f"got {len(given)} generators for {batch} images; give one or one per image"
+            )
+        return list(given), [g.initial_seed() for g in given]
+    seeds = _seeds(request.seed, batch)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    if request.seed is None or is_int(request.seed):
+        return generators[0], seeds  # one generator for the batch, as diffusers draws it
+    return generators, seeds
 
 
 def _seeds(seed: Seeds, batch: int) -> list[int]:
