@@ -219,8 +219,12 @@ def _batch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Generate every row of a jobs file into OUTDIR (<id>.png and "
         "manifest.jsonl); rows already done there are skipped. Exit status 1 if a row failed.",
     )
-    batch.add_argument("jobs", type=Path, help="JSON Lines file (or CSV with a prompt column)")
-    batch.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    batch.add_argument(
+        "jobs", type=Path, metavar="JOBS", help="JSON Lines file (or CSV with a prompt column)"
+    )
+    batch.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUTDIR", help="output folder"
+    )
     batch.add_argument("--model", default=None, help="model of rows that name none")
     batch.add_argument("--engine", choices=["local", "ray"], default="local")
     batch.add_argument("--workers", type=int, default=None, help="Ray actors")

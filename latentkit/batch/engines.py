@@ -1,9 +1,10 @@
 """Engines: where units run. Both yield each unit's outcomes to the driver as they finish.
 
 ``local`` runs units one after another in this process. ``ray`` runs them on Ray actors, one
-pipeline per actor: Ray restarts an actor whose process or machine dies and runs the unit it
-held again, up to ``max_retries`` times (``max_restarts=-1``, ``max_task_retries``); the
-driver only hands the next unit to whichever actor is free.
+pipeline per actor and one unit at a time each: Ray restarts an actor whose process or machine
+dies and runs the unit it held again, up to ``max_retries`` times (``max_restarts=-1``,
+``max_task_retries``); the driver only hands the next unit to whichever actor is free, and
+after a death waits until Ray reports the replacement ready.
 """
 
 from __future__ import annotations
