@@ -259,3 +259,23 @@ def test_picture_script_makes_every_picture_the_docs_show(tmp_path: Path) -> Non
     pages = "".join((ROOT / page).read_text() for page in PAGES)
     for name in shipped:
         assert f"images/{name})" in pages, f"docs/images/{name} is on no page"
+
+
+def test_docstring_examples_become_code() -> None:
+    """The griffe extension of the docs build (docs/hooks/griffe_examples.py)."""
+    spec = importlib.util.spec_from_file_location(
+        "griffe_examples", ROOT / "docs" / "hooks" / "griffe_examples.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError:
+        pytest.skip("griffe is not installed (pip install -e '.[docs]')")
+    section = "Load it.\n\nExample:\n    >>> f(1)  # doctest: +SKIP\n    2\n\nMore text."
+    assert module.rewrite(section) == ("Load it.\n\nExamples:\n    >>> f(1)\n    2\n\nMore text.")
+    bare = "A module.\n\n>>> import x\n>>> x.y(\n...     1)  # doctest: +SKIP\n(1, 2)\n\nEnd."
+    assert module.rewrite(bare) == (
+        "A module.\n\n```pycon\n>>> import x\n>>> x.y(\n...     1)\n(1, 2)\n```\n\nEnd."
+    )
+    assert module.rewrite("Plain text.\n\n    indented code") == "Plain text.\n\n    indented code"
