@@ -244,8 +244,9 @@ def test_plugin_example_depends_on_this_distribution() -> None:
     depend on this project's distribution name, which the import name need not equal."""
     name = distribution_name()
     assert name != "latentkit"
-    plugin = (ROOT / "examples" / "scheduler_plugin" / "pyproject.toml").read_text()
-    assert re.search(rf'dependencies = \[\s*"{re.escape(name)}[^"]*"\s*\]', plugin), plugin
+    for folder in ("scheduler_plugin", "family_plugin"):
+        plugin = (ROOT / "examples" / folder / "pyproject.toml").read_text()
+        assert re.search(rf'dependencies = \[\s*"{re.escape(name)}[^"]*"\s*\]', plugin), plugin
 
 
 def test_picture_script_makes_every_picture_the_docs_show(tmp_path: Path) -> None:
