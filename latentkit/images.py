@@ -150,6 +150,14 @@ def image_tensor(
     return _as_tensor(image, size, grey=False) * 2.0 - 1.0
 
 
+def rgb_tensor(
+    image: Image.Image | np.ndarray | torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """An RGB image as (1, 3, H, W) in [0, 1]: a ControlNet's control image, read as
+    diffusers' ``VaeImageProcessor(do_normalize=False)`` reads it."""
+    return _as_tensor(image, size, grey=False)
+
+
 def mask_tensor(
     mask: Image.Image | np.ndarray | torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:

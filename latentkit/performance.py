@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +19,14 @@ from torch import Tensor, nn
 
 from latentkit.errors import InvalidArgumentError
 from latentkit.models.layers import ATTENTION_BACKENDS, Attention, Conv2d, Upsample
+from latentkit.protocols import ControlResiduals
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import Tiling
 
 UNetCall = Callable[..., Tensor]
-"""``(x, t, context)`` or ``(x, t, context, vector)``: the UNet, eager, compiled or replayed."""
+"""``(x, t, context)``, ``(x, t, context, vector)``, ``(x, t, context, vector, control)`` or
+``(x, t, context, vector, control, class_labels)``: the UNet, eager, compiled or replayed."""
 
 _AUTOCAST_DTYPES = {
     "bf16": torch.bfloat16,
@@ -186,22 +188,8 @@ class Runtime:
     def prepare(self, unet: nn.Module, vae: nn.Module) -> None:
         """Apply the module-level options to the UNet and the autoencoder, in place."""
         p = self.performance
-        fuse = self.device.type == "cuda" if p.fuse_qkv is None else p.fuse_qkv
-        gemm = self.device.type == "cpu" if p.conv_gemm is None else p.conv_gemm
-        phases = self.device.type == "cpu" if p.upsample_phases is None else p.upsample_phases
         for name, module in (("unet", unet), ("vae", vae)):
-            for layer in module.modules():
-                if isinstance(layer, Conv2d):
-                    layer.gemm = gemm
-                if isinstance(layer, Upsample):
-                    layer.phases = phases
-                if isinstance(layer, Attention):
-                    layer.backend = p.attention
-                    layer.slice_size = p.attention_slice_size
-                    if fuse:
-                        layer.fuse_projections()
-            if self.channels_last(name):
-                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.configure(module, name)
         call: UNetCall = unet
         if p.compile:
             # dynamic=False: one graph per input shape; a new step, prompt or seed with the
@@ -225,18 +213,54 @@ class Runtime:
             call = CudaGraphs(unet)
         self._unet_call = call
 
-    def unet(self, x: Tensor, t: Tensor, context: Tensor, vector: Tensor | None = None) -> Tensor:
+    def configure(self, module: nn.Module, name: str) -> None:
+        """Apply the module-level options (GEMM convolutions, upsampling by phases, the
+        attention kernel and slicing, fused projections, memory layout) to the network
+        ``module`` called ``name``, in place: `prepare` does it for the UNet and the
+        autoencoder, ``LatentDiffusion.with_controlnet`` for a ControlNet."""
+        p = self.performance
+        fuse = self.device.type == "cuda" if p.fuse_qkv is None else p.fuse_qkv
+        gemm = self.device.type == "cpu" if p.conv_gemm is None else p.conv_gemm
+        phases = self.device.type == "cpu" if p.upsample_phases is None else p.upsample_phases
+        for layer in module.modules():
+            if isinstance(layer, Conv2d):
+                layer.gemm = gemm
+            if isinstance(layer, Upsample):
+                layer.phases = phases
+            if isinstance(layer, Attention):
+                layer.backend = p.attention
+                layer.slice_size = p.attention_slice_size
+                if fuse:
+                    layer.fuse_projections()
+        if self.channels_last(name):
+            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def unet(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        vector: Tensor | None = None,
+        control: ControlResiduals | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
         """One UNet evaluation in the configured way, returned in ``x``'s dtype; ``vector``
-        is added to the time embedding (SDXL), None for models without one."""
+        is added to the time embedding (SDXL), None for models without one; ``control``
+        (ControlNet residuals) to the skip connections and middle block; ``labels`` (B,) are
+        the class labels of a UNet with ``num_class_embeds`` (the x4 upscaler's noise level)."""
         assert self._unet_call is not None, "Runtime.prepare was not called"
         if self.channels_last("unet"):
             x = x.contiguous(memory_format=torch.channels_last)
         # One dtype for every sampler (some pass integer timesteps, some float): a compiled
         # graph is specialised on input dtypes, so this keeps it to one graph per shape.
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        # Positional, and `vector` only when there is one: a compiled or captured call then
-        # sees the same argument list on every step.
-        args = (x, t, context) if vector is None else (x, t, context, vector)
+        # Positional, and `vector` / `control` only when there are some: a compiled or
+        # captured call then sees the same argument list on every step.
+        args: tuple[Any, ...] = (x, t, context) if vector is None else (x, t, context, vector)
+        if control is not None or labels is not None:
+            args = (x, t, context, vector, control)
+        if labels is not None:
+            args = (*args, labels)
         out = self._unet_call(*args)
         return out.to(x.dtype).contiguous()
 
@@ -274,7 +298,8 @@ class Runtime:
 
 
 class CudaGraphs:
-    """Replay ``fn(x, t, context[, vector])`` from a CUDA graph captured once per input signature.
+    """Replay ``fn(x, t, context[, vector[, control]])`` from a CUDA graph captured once per
+    input signature (``vector`` may be None, ``control`` is `ControlResiduals`).
 
     The graph reads its inputs from static buffers, so each call copies the arguments in,
     replays, and returns a copy of the static output (the next replay overwrites it).
@@ -284,25 +309,54 @@ class CudaGraphs:
         self.fn = fn
         self.graphs: dict[tuple[Any, ...], tuple[Any, tuple[Tensor, ...], Tensor]] = {}
 
-    def __call__(self, x: Tensor, t: Tensor, *rest: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, *rest: Tensor | ControlResiduals | None) -> Tensor:
         t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
-        args = (x, t, *rest)
-        key = tuple((a.shape, a.dtype, a.stride()) for a in args)
+        # The graph's inputs are flat tensors; `layout` says how they make the arguments.
+        tensors: list[Tensor] = [x, t]
+        layout: list[int | None] = []  # per argument after t: None, -1 (a tensor), or n (control)
+        for arg in rest:
+            if arg is None:
+                layout.append(None)
+            elif isinstance(arg, ControlResiduals):
+                layout.append(len(arg.down))
+                tensors += [*arg.down, arg.mid]
+            else:
+                layout.append(-1)
+                tensors.append(arg)
+        key = (tuple(layout), *((a.shape, a.dtype, a.stride()) for a in tensors))
         if key not in self.graphs:
-            static = tuple(a.clone() for a in args)
+            static = tuple(a.clone() for a in tensors)
+            args = _arguments(static, layout)
             # Warm up on a side stream (allocations and lazy init must not be captured).
             side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.fn(*static)
+                    self.fn(*args)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.fn(*static)
+                out = self.fn(*args)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
-        for buffer, value in zip(static, args, strict=True):
+        for buffer, value in zip(static, tensors, strict=True):
             buffer.copy_(value)
         graph.replay()
         return out.clone()
+
+
+def _arguments(tensors: Sequence[Tensor], layout: Sequence[int | None]) -> list[Any]:
+    """The call's arguments from `CudaGraphs`' flat tensors: x, t, then per ``layout`` entry
+    None, one tensor (-1) or `ControlResiduals` of n skip tensors and the middle one (n)."""
+    args: list[Any] = [tensors[0], tensors[1]]
+    i = 2
+    for kind in layout:
+        if kind is None:
+            args.append(None)
+        elif kind < 0:
+            args.append(tensors[i])
+            i += 1
+        else:
+            args.append(ControlResiduals(tuple(tensors[i : i + kind]), tensors[i + kind]))
+            i += kind + 1
+    return args

@@ -10,9 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TypeVar,
+    runtime_checkable,
+)
 
 import torch
+
+from latentkit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from latentkit.results import GenerationResult
@@ -23,9 +34,37 @@ PredictionType = Literal["epsilon", "v_prediction", "sample"]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 """One generator for the batch, one per image (drawn per image, as diffusers does), or none."""
 
-ConditionTarget = Literal["cross_attention", "concat", "vector"]
+ConditionTarget = Literal["cross_attention", "concat", "vector", "control"]
 """Where a conditioner's output enters the network: as cross-attention context, as extra
-input channels concatenated to the latents, or as a vector added to the time embedding."""
+input channels concatenated to the latents, as a vector added to the time embedding, or as
+`ControlResiduals` added to the UNet's skip connections and middle block (ControlNet)."""
+
+
+class ControlResiduals(NamedTuple):
+    """What a control adapter (ControlNet, Zhang et al. 2023) adds to a UNet evaluation.
+
+    ``down[i]`` is added to the UNet's ``i``-th skip connection (``conv_in``'s output, then
+    every ResNet/attention layer and downsampler of the down blocks, in order) and ``mid`` to
+    the middle block's output, exactly where diffusers adds ``down_block_additional_residuals``
+    and ``mid_block_additional_residual``. A named tuple, so compiled and CUDA-graph UNet
+    calls see plain tensors.
+    """
+
+    down: tuple[torch.Tensor, ...]
+    mid: torch.Tensor
+
+    def plus(self, other: ControlResiduals) -> ControlResiduals:
+        """Both residuals summed (several ControlNets: diffusers' ``MultiControlNetModel``).
+        (``+`` on a named tuple concatenates, so it is not used.)"""
+        if len(other.down) != len(self.down):
+            raise InvalidArgumentError(
+                f"cannot add control residuals for {len(other.down)} skip connections to "
+                f"residuals for {len(self.down)}"
+            )
+        return ControlResiduals(
+            tuple(a + b for a, b in zip(self.down, other.down, strict=True)), self.mid + other.mid
+        )
+
 
 InputT_contra = TypeVar("InputT_contra", contravariant=True)
 
@@ -142,8 +181,9 @@ class Conditioner(Protocol[InputT_contra]):
         device: torch.device,
         dtype: torch.dtype,
         generator: Generators = None,
-    ) -> torch.Tensor:
-        """Encode inputs; the result's first dimension is the batch. Conditioners that sample
+    ) -> torch.Tensor | ControlResiduals:
+        """Encode inputs; the result's first dimension is the batch (a ``"control"``
+        conditioner returns `ControlResiduals`, batched likewise). Conditioners that sample
         (an autoencoder's posterior) draw from ``generator``; others ignore it."""
         ...
 

@@ -429,6 +429,45 @@ def build_sdxl_pipeline(kind: str) -> Any:
     )
 
 
+# ---------------------------------------------------------------- ControlNet
+
+CONTROLNET_KINDS = ("sd1", "sd2", "sdxl")
+"""The tiny pipelines a tiny ControlNet can be built for (its encoder copies their UNet)."""
+
+
+def build_controlnet(kind: str, root: Path, seed: int = 0) -> Any:
+    """A diffusers ``ControlNetModel`` for the tiny pipeline ``kind`` (one of
+    `CONTROLNET_KINDS`), made by ``ControlNetModel.from_unet`` from that pipeline's UNet, with
+    a two-step control image embedding (the tiny VAE downsamples by 2, not 8). Every weight is
+    then perturbed (``seed``), so the zero convolutions are not zero and the encoder is not
+    the UNet's: a ControlNet that is ignored, or read as the UNet, changes the images."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    if kind not in CONTROLNET_KINDS:
+        raise ValueError(kind)
+    unet = UNet2DConditionModel.from_pretrained(str(save_pipeline(kind, root) / "unet"))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    return controlnet.eval()
+
+
+@cache
+def _saved_controlnet(kind: str, root: str, seed: int) -> Path:
+    folder = Path(root) / f"controlnet-{kind}-{seed}"
+    build_controlnet(kind, Path(root), seed).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def save_controlnet(kind: str, root: Path, seed: int = 0) -> Path:
+    """Write the tiny ControlNet for ``kind`` (`build_controlnet`) under ``root`` (once per
+    root and seed) and return its folder (``config.json`` and
+    ``diffusion_pytorch_model.safetensors``, diffusers' layout)."""
+    return _saved_controlnet(kind, str(root), seed)
+
+
 @cache
 def _saved(kind: str, root: str) -> Path:
     pipe = build_pipeline(kind)

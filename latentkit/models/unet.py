@@ -30,6 +30,7 @@ from latentkit.models.layers import (
     Upsample,
     timestep_embedding,
 )
+from latentkit.protocols import ControlResiduals
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -41,10 +42,8 @@ _FIXED_KEYS: dict[str, object] = {
     "act_fn": "silu",
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "center_input_sample": False,
-    "only_cross_attention": False,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "num_class_embeds": None,
     "class_embeddings_concat": False,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
@@ -180,6 +179,17 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int | None = None
     """Width of the vector condition: pooled text width + ids x ``addition_time_embed_dim``
     (SDXL base: 1280 + 6 x 256 = 2816; refiner: 1280 + 5 x 256 = 2560)."""
+    num_class_embeds: int | None = None
+    """Class labels the UNet embeds (``class_embedding``, an ``nn.Embedding`` added to the
+    time embedding; `UNet2DCondition.forward`'s ``class_labels``): the x4 upscaler's noise
+    level, 0 to 999 (``num_class_embeds: 1000``); None: no class labels."""
+    only_cross_attention: bool | tuple[bool, ...] = False
+    """Per down block (one value for all): its transformers' first attention attends to the
+    text instead of the image (the up blocks take the values reversed). The x4 upscaler
+    sets it for its three high-resolution levels, where self-attention would be costly."""
+    mid_block_only_cross_attention: bool = False
+    """`only_cross_attention` for the middle block (diffusers: the single value when
+    ``only_cross_attention`` is one bool, else false)."""
 
     def __post_init__(self) -> None:
         blocks = len(self.block_out_channels)
@@ -207,6 +217,12 @@ class UNetConfig:
         for i, kind in enumerate(self.up_block_types):
             if kind not in UP_BLOCK_TYPES:
                 raise _unsupported(f"up_block_types[{i}]", kind, " or ".join(UP_BLOCK_TYPES))
+
+    @property
+    def cross_only(self) -> tuple[bool, ...]:
+        """`only_cross_attention` as one flag per down block."""
+        value = self.only_cross_attention
+        return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
 
     @property
     def transformer_depths(self) -> tuple[int, ...]:
@@ -255,6 +271,23 @@ class UNetConfig:
             value = d.get(key)
             return None if value is None or addition is None else int(value)
 
+        # diffusers: a single flag also sets the middle block's unless that is given; a list
+        # leaves the middle block's at its own value (default false).
+        cross_only = d.get("only_cross_attention", False)
+        mid_cross_only = d.get("mid_block_only_cross_attention")
+        if isinstance(cross_only, (list, tuple)):
+            if len(cross_only) != len(down):
+                raise InvalidArgumentError(
+                    f"UNet config only_cross_attention has {len(cross_only)} entries but "
+                    f"down_block_types has {len(down)}"
+                )
+            cross_only = tuple(bool(v) for v in cross_only)
+            mid_cross_only = bool(mid_cross_only)
+        else:
+            cross_only = bool(cross_only)
+            mid_cross_only = cross_only if mid_cross_only is None else bool(mid_cross_only)
+        classes = d.get("num_class_embeds")
+
         return cls(
             in_channels=int(d.get("in_channels", 4)),
             out_channels=int(d.get("out_channels", 4)),
@@ -286,6 +319,9 @@ class UNetConfig:
             projection_class_embeddings_input_dim=optional_int(
                 "projection_class_embeddings_input_dim"
             ),
+            num_class_embeds=None if classes is None else int(classes),
+            only_cross_attention=cross_only,
+            mid_block_only_cross_attention=mid_cross_only,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -320,6 +356,11 @@ class UNetConfig:
             "addition_embed_type": self.addition_embed_type,
             "addition_time_embed_dim": self.addition_time_embed_dim,
             "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
+            "num_class_embeds": self.num_class_embeds,
+            "only_cross_attention": list(self.only_cross_attention)
+            if isinstance(self.only_cross_attention, tuple)
+            else self.only_cross_attention,
+            "mid_block_only_cross_attention": self.mid_block_only_cross_attention,
         }
 
 
@@ -359,11 +400,40 @@ class UpBlock(nn.Module):
         return x
 
 
-class UNet2DCondition(nn.Module):
-    """The text-conditioned UNet ``eps_theta(z_t, t, tau(y))`` of Rombach et al. 2022 (eq. 3).
+def _resnet(config: UNetConfig, c_in: int, c_out: int, scale: float = 1.0) -> ResnetBlock:
+    return ResnetBlock(
+        c_in,
+        c_out,
+        temb_channels=4 * config.block_out_channels[0],
+        groups=config.norm_num_groups,
+        eps=config.norm_eps,
+        dropout=config.dropout,
+        output_scale_factor=scale,
+    )
 
-    Build it with ``UNet2DCondition(UNetConfig.from_dict(config_json))``; its ``state_dict()``
-    keys equal those of diffusers' ``UNet2DConditionModel`` for the same config.
+
+def _transformer(
+    config: UNetConfig, c: int, heads: int, depth: int, only_cross: bool
+) -> SpatialTransformer:
+    return SpatialTransformer(
+        c,
+        heads=heads,
+        head_dim=c // heads,
+        context_dim=config.cross_attention_dim,
+        depth=depth,
+        groups=config.norm_num_groups,
+        linear_projection=config.use_linear_projection,
+        only_cross=only_cross,
+    )
+
+
+class UNetEncoder(nn.Module):
+    """The UNet's first half: time (and vector) embedding, ``conv_in``, the down blocks and
+    the middle block, with the module paths of diffusers' checkpoints.
+
+    `UNet2DCondition` adds the up half; `latentkit.models.controlnet.ControlNet` is this half
+    with a condition embedding and zero convolutions (Zhang et al. 2023, "a trainable copy"
+    of the encoder), so both build it here, once.
     """
 
     def __init__(self, config: UNetConfig) -> None:
@@ -372,28 +442,6 @@ class UNet2DCondition(nn.Module):
         channels = config.block_out_channels
         n = len(channels)
         temb_dim = 4 * channels[0]
-
-        def resnet(c_in: int, c_out: int, scale: float = 1.0) -> ResnetBlock:
-            return ResnetBlock(
-                c_in,
-                c_out,
-                temb_channels=temb_dim,
-                groups=config.norm_num_groups,
-                eps=config.norm_eps,
-                dropout=config.dropout,
-                output_scale_factor=scale,
-            )
-
-        def transformer(c: int, heads: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(
-                c,
-                heads=heads,
-                head_dim=c // heads,
-                context_dim=config.cross_attention_dim,
-                depth=depth,
-                groups=config.norm_num_groups,
-                linear_projection=config.use_linear_projection,
-            )
 
         self.conv_in = Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
@@ -405,6 +453,13 @@ class UNet2DCondition(nn.Module):
             if config.vector_dim is not None
             else None
         )
+        # Class labels (the x4 upscaler's noise level) look up a learned vector that is added
+        # to the time embedding, as diffusers' class_embed_type=None with num_class_embeds.
+        self.class_embedding = (
+            nn.Embedding(config.num_class_embeds, temb_dim)
+            if config.num_class_embeds is not None
+            else None
+        )
         depths = config.transformer_depths
 
         self.down_blocks = nn.ModuleList()
@@ -413,8 +468,17 @@ class UNet2DCondition(nn.Module):
             layers = range(config.layers_per_block)
             self.down_blocks.append(
                 DownBlock(
-                    [resnet(c_in if j == 0 else c_out, c_out) for j in layers],
-                    [transformer(c_out, config.num_attention_heads[i], depths[i]) for _ in layers]
+                    [_resnet(config, c_in if j == 0 else c_out, c_out) for j in layers],
+                    [
+                        _transformer(
+                            config,
+                            c_out,
+                            config.num_attention_heads[i],
+                            depths[i],
+                            config.cross_only[i],
+                        )
+                        for _ in layers
+                    ]
                     if kind == "CrossAttnDownBlock2D"
                     else [],
                     Downsample(c_out, padding=config.downsample_padding) if i < n - 1 else None,
@@ -423,55 +487,50 @@ class UNet2DCondition(nn.Module):
 
         c_mid, scale = channels[-1], config.mid_block_scale_factor
         self.mid_block = MidBlock(
-            (resnet(c_mid, c_mid, scale), resnet(c_mid, c_mid, scale)),
-            transformer(c_mid, config.num_attention_heads[-1], depths[-1]),
+            (_resnet(config, c_mid, c_mid, scale), _resnet(config, c_mid, c_mid, scale)),
+            _transformer(
+                config,
+                c_mid,
+                config.num_attention_heads[-1],
+                depths[-1],
+                config.mid_block_only_cross_attention,
+            ),
         )
 
-        # Each up block has one more ResNet than its down block: it also takes the output of the
-        # down block below's downsampler (or of conv_in, for the last block).
-        self.up_blocks = nn.ModuleList()
-        reversed_channels = channels[::-1]
-        for i, kind in enumerate(config.up_block_types):
-            c_prev, c_out = reversed_channels[max(i - 1, 0)], reversed_channels[i]
-            c_skip_last = reversed_channels[min(i + 1, n - 1)]
-            layers = range(config.layers_per_block + 1)
-            last = config.layers_per_block
-            self.up_blocks.append(
-                UpBlock(
-                    [
-                        resnet(
-                            (c_prev if j == 0 else c_out) + (c_skip_last if j == last else c_out),
-                            c_out,
-                        )
-                        for j in layers
-                    ],
-                    [
-                        transformer(c_out, config.num_attention_heads[n - 1 - i], depths[n - 1 - i])
-                        for _ in layers
-                    ]
-                    if kind == "CrossAttnUpBlock2D"
-                    else [],
-                    Upsample(c_out) if i < n - 1 else None,
-                )
-            )
+    @property
+    def skip_count(self) -> int:
+        """How many skip connections the down half makes: ``conv_in``'s output, each layer
+        of each down block, and each downsampler."""
+        n = len(self.config.block_out_channels)
+        return 1 + n * self.config.layers_per_block + (n - 1)
 
-        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
-        self.conv_out = Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
-
-    def forward(
+    def embed_time(
         self,
         sample: Tensor,
         timestep: Tensor | float | int,
-        encoder_hidden_states: Tensor,
-        vector: Tensor | None = None,
+        vector: Tensor | None,
+        class_labels: Tensor | None = None,
     ) -> Tensor:
-        """Predict for ``sample`` (B, in_channels, h, w) at ``timestep`` (a number, or a 0-d or
-        (B,) tensor) given text ``encoder_hidden_states`` (B, tokens, cross_attention_dim).
-
-        ``vector`` (B, `UNetConfig.vector_dim`) is the vector condition of a UNet with an
-        ``addition_embed_type`` (SDXL: pooled text embedding, then `time_ids_embedding`), and
-        must be None for one without.
-        """
+        """The time embedding (B, 4 x block_out_channels[0]) that every ResNet block adds,
+        plus the lifted vector condition of a UNet with an ``addition_embed_type`` (SDXL) and
+        the embedded ``class_labels`` (B,) of a UNet with ``num_class_embeds`` (the upscaler)."""
+        classes = self.config.num_class_embeds
+        if (class_labels is None) != (classes is None):
+            raise InvalidArgumentError(
+                "this UNet takes no class labels; pass class_labels=None"
+                if classes is None
+                else f"this UNet (num_class_embeds={classes}) needs class labels: one int in "
+                f"[0, {classes}) per batch item"
+            )
+        # Shape and type only: a value check would synchronise with the device on every step
+        # (and break CUDA graph capture); the pipeline checks the values it makes.
+        if class_labels is not None and (
+            tuple(class_labels.shape) != (sample.shape[0],) or class_labels.is_floating_point()
+        ):
+            raise InvalidArgumentError(
+                f"class_labels must be {sample.shape[0]} ints in [0, {classes}), got "
+                f"{class_labels.dtype} of shape {tuple(class_labels.shape)}"
+            )
         expected = self.config.vector_dim
         if (vector is None) != (expected is None):
             raise InvalidArgumentError(
@@ -493,18 +552,118 @@ class UNet2DCondition(nn.Module):
             flip_sin_to_cos=self.config.flip_sin_to_cos,
             freq_shift=self.config.freq_shift,
         ).to(sample.dtype)
-        temb = self.time_embedding(t_features)
+        temb: Tensor = self.time_embedding(t_features)
+        if self.class_embedding is not None and class_labels is not None:
+            temb = temb + self.class_embedding(class_labels.to(temb.device)).to(temb.dtype)
         if self.add_embedding is not None and vector is not None:
             temb = temb + self.add_embedding(vector.to(temb.dtype))
-        context = encoder_hidden_states
+        return temb
 
-        x = self.conv_in(sample)
+    def encode(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Run the down blocks on ``x`` (``conv_in``'s output): the lowest-resolution features
+        and every skip connection, ``x`` itself first (Ronneberger et al. 2015)."""
         skips = [x]
         for down in self.down_blocks:
             x, outputs = down(x, temb, context)
             skips.extend(outputs)
+        return x, skips
+
+
+class UNet2DCondition(UNetEncoder):
+    """The text-conditioned UNet ``eps_theta(z_t, t, tau(y))`` of Rombach et al. 2022 (eq. 3).
+
+    Build it with ``UNet2DCondition(UNetConfig.from_dict(config_json))``; its ``state_dict()``
+    keys equal those of diffusers' ``UNet2DConditionModel`` for the same config.
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__(config)
+        channels = config.block_out_channels
+        n = len(channels)
+        depths = config.transformer_depths
+
+        # Each up block has one more ResNet than its down block: it also takes the output of the
+        # down block below's downsampler (or of conv_in, for the last block).
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = channels[::-1]
+        for i, kind in enumerate(config.up_block_types):
+            c_prev, c_out = reversed_channels[max(i - 1, 0)], reversed_channels[i]
+            c_skip_last = reversed_channels[min(i + 1, n - 1)]
+            layers = range(config.layers_per_block + 1)
+            last = config.layers_per_block
+            self.up_blocks.append(
+                UpBlock(
+                    [
+                        _resnet(
+                            config,
+                            (c_prev if j == 0 else c_out) + (c_skip_last if j == last else c_out),
+                            c_out,
+                        )
+                        for j in layers
+                    ],
+                    [
+                        _transformer(
+                            config,
+                            c_out,
+                            config.num_attention_heads[n - 1 - i],
+                            depths[n - 1 - i],
+                            config.cross_only[n - 1 - i],
+                        )
+                        for _ in layers
+                    ]
+                    if kind == "CrossAttnUpBlock2D"
+                    else [],
+                    Upsample(c_out) if i < n - 1 else None,
+                )
+            )
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = Conv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+        vector: Tensor | None = None,
+        control: ControlResiduals | None = None,
+        class_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Predict for ``sample`` (B, in_channels, h, w) at ``timestep`` (a number, or a 0-d or
+        (B,) tensor) given text ``encoder_hidden_states`` (B, tokens, cross_attention_dim).
+
+        ``vector`` (B, `UNetConfig.vector_dim`) is the vector condition of a UNet with an
+        ``addition_embed_type`` (SDXL: pooled text embedding, then `time_ids_embedding`), and
+        must be None for one without. ``control`` (a ControlNet's `ControlResiduals`) is added
+        to the skip connections and the middle block's output, where diffusers adds
+        ``down_block_additional_residuals`` / ``mid_block_additional_residual``.
+        ``class_labels`` (B,) ints are required exactly when the config has
+        ``num_class_embeds`` (the x4 upscaler: the noise level of its low-resolution input).
+        """
+        temb = self.embed_time(sample, timestep, vector, class_labels)
+        context = encoder_hidden_states
+        x, skips = self.encode(self.conv_in(sample), temb, context)
+        if control is not None:
+            if len(control.down) != len(skips):
+                raise InvalidArgumentError(
+                    f"control has {len(control.down)} skip residuals; this UNet makes "
+                    f"{len(skips)} skip connections"
+                )
+            for i, (skip, extra) in enumerate(zip(skips, control.down, strict=True)):
+                # A global-pool ControlNet (shuffle) gives (B, C, 1, 1): added to every pixel.
+                if extra.shape[1] != skip.shape[1] or extra.shape[-2:] not in (
+                    skip.shape[-2:],
+                    (1, 1),
+                ):
+                    raise InvalidArgumentError(
+                        f"control residual {i} has shape {tuple(extra.shape)}, the skip "
+                        f"connection {tuple(skip.shape)}"
+                    )
+            skips = [skip + extra for skip, extra in zip(skips, control.down, strict=True)]
 
         x = self.mid_block(x, temb, context)
+        if control is not None:
+            x = x + control.mid
 
         per_block = self.config.layers_per_block + 1
         for up in self.up_blocks:
