@@ -490,6 +490,9 @@ IGNORED_KEYS = frozenset(
         "posterior_mean_coef1",
         "posterior_mean_coef2",
         "logvar",
+        # sgm's discrete denoiser keeps its sigma schedule as buffers.
+        "denoiser.sigmas",
+        "denoiser.log_sigmas",
         "model_ema.decay",
         "model_ema.num_updates",
     }
