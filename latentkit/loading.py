@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from latentkit.errors import (
     CorruptFileError,
     InvalidArgumentError,
     InvalidConfigError,
+    LatentkitError,
     MissingComponentError,
     ModelNotCachedError,
     ModelNotFoundError,
@@ -42,6 +43,7 @@ from latentkit.models.config_checks import ConfigKind, check_config
 from latentkit.readers import FLOAT_DTYPES, read_json_object, safetensors_header
 
 logger = logging.getLogger("latentkit")
+T = TypeVar("T")
 
 # Components a text-to-image pipeline uses, and the file stem of each one's weights
 # (diffusers models write ``diffusion_pytorch_model``, transformers models ``model``).
@@ -109,8 +111,28 @@ class ModelFiles:
 
     def model_index(self) -> dict[str, Any]:
         """The pipeline's ``model_index.json`` (component → [library, class]), checked to be
-        a JSON object (`CorruptFileError` otherwise)."""
-        return read_json_object(self.root / "model_index.json")
+        a JSON object (`CorruptFileError` otherwise) with a ``_class_name`` string and
+        components that are ``[library, class]`` pairs (`InvalidConfigError`)."""
+        path = self.root / "model_index.json"
+        index = read_json_object(path)
+        name = index.get("_class_name")
+        if not isinstance(name, str):  # diffusers writes it always, and reads it first
+            raise InvalidConfigError(
+                f"{path}: _class_name={name!r} must be the pipeline class's name, a string "
+                "such as 'StableDiffusionPipeline'",
+                path=path,
+            )
+        for key, value in index.items():
+            if key in CONFIG_FILES and not (
+                isinstance(value, list)
+                and len(value) == 2
+                and all(v is None or isinstance(v, str) for v in value)
+            ):
+                raise InvalidConfigError(
+                    f"{path}: {key}={value!r} must be a [library, class] pair of strings",
+                    path=path,
+                )
+        return index
 
     def config(self, component: str) -> dict[str, Any]:
         """The config file of ``component``, parsed and its values checked
@@ -125,6 +147,20 @@ class ModelFiles:
         if kind is not None:
             check_config(kind, data, source=path)
         return data
+
+    def parse_config(self, component: str, parse: Callable[[dict[str, Any]], T]) -> T:
+        """``parse(self.config(component))`` (e.g. ``UNetConfig.from_dict``), with any
+        refusal it raises naming the file: the message of its `LatentkitError` (an
+        unsupported setting, a block count that does not match) gets the config file's path
+        in front, so the user learns which file of which model to look at."""
+        data = self.config(component)
+        try:
+            return parse(data)
+        except LatentkitError as e:
+            path = os.fspath(self.root / CONFIG_FILES[component])
+            if e.args and isinstance(e.args[0], str) and path not in e.args[0]:
+                e.args = (f"{path}: {e.args[0]}", *e.args[1:])
+            raise
 
 
 def select_files(

@@ -74,13 +74,12 @@ def read_bytes(path: str | os.PathLike[str], *, limit: int, label: str | None = 
                 path=path,
             )
         try:
-            data = file.read(limit + 1)
+            # Ask for what fstat says (+1 to see growth): read(n) allocates n bytes at once.
+            data = file.read(info.st_size + 1)
         except OSError as e:
             raise CorruptFileError(f"{name} cannot be read: {_reason(e)}", path=path) from e
-    if len(data) > limit:  # it grew since fstat
-        raise CorruptFileError(
-            f"{name} is larger than the {limit:,} bytes latentkit reads", path=path
-        )
+    if len(data) != info.st_size:
+        raise CorruptFileError(f"{name} changed while it was read", path=path)
     return data
 
 

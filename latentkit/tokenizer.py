@@ -427,15 +427,21 @@ class CLIPTokenizer:
             raise UnsupportedModelError(
                 f"{where}/tokenizer_config.json: model_max_length must be a positive int, got {length!r}"
             )
-        return cls(
-            vocab=vocab,
-            merges=merges,
-            model_max_length=length,
-            special_tokens=special_tokens,
-            extra_special_tokens=[by_content.get(t.content, t) for t in extras],
-            added_tokens=added,
-            split_special_tokens=bool(config.get("split_special_tokens", False)),
-        )
+        try:
+            return cls(
+                vocab=vocab,
+                merges=merges,
+                model_max_length=length,
+                special_tokens=special_tokens,
+                extra_special_tokens=[by_content.get(t.content, t) for t in extras],
+                added_tokens=added,
+                split_special_tokens=bool(config.get("split_special_tokens", False)),
+            )
+        except (InvalidArgumentError, UnsupportedModelError) as e:
+            # The constructor's checks (a merge of unknown tokens, a missing special token)
+            # know no file: say which folder's files they are about.
+            e.args = (f"{where}: {e.args[0]}", *e.args[1:]) if e.args else e.args
+            raise
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write the tokenizer in the Hub's layout (``vocab.json``, ``merges.txt``,
@@ -478,15 +484,26 @@ class CLIPTokenizer:
         """The largest id this tokenizer gives (vocabulary and added tokens); -1 if none."""
         return max([*self.vocab.values(), *self._added.values()], default=-1)
 
-    def check_embedding_size(self, vocab_size: int, *, where: str = "the text encoder") -> None:
-        """Raise `InvalidConfigError` if an id this tokenizer gives would index past an
-        embedding table of ``vocab_size`` rows (``where``'s ``vocab_size``), which would
-        fail only at generation time, inside the text encoder, with an ``IndexError``."""
+    def check_encoder(
+        self, *, vocab_size: int, max_positions: int, where: str = "the text encoder"
+    ) -> None:
+        """Raise `InvalidConfigError` if this tokenizer does not fit a text encoder with
+        ``vocab_size`` embeddings and ``max_positions`` positions (``where``'s config): an
+        id it gives would index past the embedding table, or its window
+        (``model_max_length``, start and end tokens included) is longer than the encoder's
+        positions or shorter than 3. Either would fail only at generation time, inside the
+        text encoder (``IndexError``) or while chunking a prompt."""
         if self.max_token_id >= vocab_size:
             raise InvalidConfigError(
                 f"the tokenizer gives token ids up to {self.max_token_id} but {where} has "
                 f"vocab_size={vocab_size} embeddings (ids 0 to {vocab_size - 1}); the tokenizer "
                 "and the text encoder do not belong together"
+            )
+        if not 3 <= self.model_max_length <= max_positions:
+            raise InvalidConfigError(
+                f"the tokenizer's model_max_length={self.model_max_length} must be from 3 (start, "
+                f"one token, end) to {where}'s max_position_embeddings={max_positions}; set "
+                "model_max_length in tokenizer_config.json (77 for CLIP)"
             )
 
     def get_vocab(self) -> dict[str, int]:

@@ -27,15 +27,18 @@ def attack(
     python_mb: float = 64.0,
     rss_mb: float = 256.0,
     may_succeed: bool = False,
+    trace: bool = True,
 ) -> LatentkitError | None:
     """Run ``call`` and check that it raises ``error`` (a `LatentkitError` subclass, never a
     raw Python/torch exception) whose message contains each of ``names``, within
     ``seconds``, allocating at most ``python_mb`` through Python's allocator (tracemalloc)
     and growing the process's peak resident memory by at most ``rss_mb``. With
     ``may_succeed`` the call may also return normally (a mutation that left a file valid).
-    Returns the error, or None if the call returned."""
+    Returns the error, or None if the call returned. ``trace=False`` skips tracemalloc
+    (which slows Python down severalfold) for fuzzers that run many loads; RSS still counts."""
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    tracemalloc.start()
+    if trace:
+        tracemalloc.start()
     start = time.perf_counter()
     raised: BaseException | None = None
     try:
@@ -44,8 +47,9 @@ def attack(
         raised = e
     finally:
         elapsed = time.perf_counter() - start
-        _, python_peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+        _, python_peak = tracemalloc.get_traced_memory() if trace else (0, 0)
+        if trace:
+            tracemalloc.stop()
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak_before
     assert elapsed < seconds, f"took {elapsed:.1f} s (bound {seconds} s)"
     assert python_peak < python_mb * MEGABYTE, f"Python allocated {python_peak / MEGABYTE:.0f} MB"

@@ -180,6 +180,14 @@ RULES: Mapping[ConfigKind, Mapping[str, Rule]] = {
         "addition_embed_type": text(optional=True),
         "addition_time_embed_dim": integer(1, MAX_CHANNELS, optional=True),
         "projection_class_embeddings_input_dim": integer(1, 16 * MAX_CHANNELS, optional=True),
+        # The x4 upscaler's noise-level embedding (1000 classes) and per-block attention kind.
+        "num_class_embeds": integer(1, MAX_TRAIN_TIMESTEPS, optional=True),
+        "only_cross_attention": Rule(
+            f"true, false, or a list of 1 to {MAX_BLOCKS} of them (one per block)",
+            lambda v: isinstance(v, bool)
+            or (_list(v) and 0 < len(v) <= MAX_BLOCKS and all(isinstance(b, bool) for b in v)),
+        ),
+        "mid_block_only_cross_attention": boolean(),
     },
     "vae": {
         "in_channels": _CHANNELS,
@@ -298,11 +306,12 @@ def check_config(
     def get(key: str) -> Any:
         return config.get(key, _DEFAULTS[kind].get(key))
 
-    # Per-block lists of another length than block_out_channels are refused by from_dict
-    # (the block types) or here (the lists it would index past the end of).
+    # Per-block lists must have one entry per block_out_channels entry.
     channels: Sequence[int] = get("block_out_channels") or ()
     if kind in ("unet", "vae"):
-        for key in ("layers_per_block", "transformer_layers_per_block", heads_key(config)):
+        keys = ("down_block_types", "up_block_types", "layers_per_block")
+        more = ("transformer_layers_per_block", "only_cross_attention", heads_key(config))
+        for key in (*keys, *more):
             value = config.get(key)
             if _list(value) and len(value) != len(channels):
                 raise fail(
