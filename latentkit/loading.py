@@ -467,7 +467,8 @@ def check_model_files(
 ) -> None:
     """Check, before anything is built, the files a pipeline will read (``needed``, relative
     to ``files.root``): each lies inside the folder ``inside`` once symlinks are followed
-    (`UnsafeFileError`), ``model_index.json`` is a JSON object, each safetensors header
+    (`UnsafeFileError`), ``model_index.json`` and the component configs are JSON objects
+    (`CorruptFileError`) with valid values (`InvalidConfigError`), each safetensors header
     describes its file exactly and each shard index is JSON (`CorruptFileError`), and a
     depth estimator's config fetches nothing from the network (`UnsafeFileError`).
 
@@ -475,6 +476,7 @@ def check_model_files(
     so that the next load downloads a broken file again.
     """
     boundary = inside.resolve()
+    needed = list(needed)
     for relative in needed:
         path = files.root / relative
         if not os.path.lexists(path):
@@ -487,7 +489,11 @@ def check_model_files(
                 path=path,
             )
     try:
-        files.model_index()
+        if "model_index.json" in needed:  # a pipeline's (a single model has none)
+            files.model_index()
+        for component, relative in CONFIG_FILES.items():
+            if relative in needed:  # parsed and checked here, where a broken one gets the hint
+                files.config(component)
         for paths in files.weights.values():
             for path in paths:
                 if path.suffix == ".json":
@@ -499,7 +505,7 @@ def check_model_files(
             raise
         blob = Path(e.path).resolve()
         raise CorruptFileError(
-            f"{e} It is in the Hugging Face cache: delete {blob}"
+            f"{e}; it is in the Hugging Face cache: delete {blob}"
             + ("" if blob == Path(e.path) else f" and {e.path}")
             + " to download it again",
             path=e.path,
@@ -637,6 +643,17 @@ def _not_float(path: Path, key: str, dtype: str) -> WeightMismatchError:
 _PICKLE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
+def _python3_name(dotted: str) -> str:
+    """The Python 3 name of a global a pickle names: torch.save writes protocol 2, where
+    Python 3 names are written as Python 2's (``subprocess.call`` as ``commands.call``)."""
+    import _compat_pickle
+
+    module, _, name = dotted.rpartition(".")
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}" if f"{module}.{name}" == dotted else f"{module}.{name} ({dotted})"
+
+
 def _load_pickle(path: Path) -> Mapping[str, Any]:
     """A pickle weights file, read by ``torch.load(weights_only=True)`` (memory-mapped), as
     a mapping of names to values, with every way that fails as a typed error."""
@@ -659,7 +676,7 @@ def _load_pickle(path: Path) -> Mapping[str, Any]:
         if "Weights only load failed" not in message:
             raise CorruptFileError(f"{path} is not a valid pickle: {message}", path=path) from e
         found = _PICKLE_GLOBAL.search(message)
-        tried = f"import {found.group(1)}" if found else "run code"
+        tried = f"import {_python3_name(found.group(1))}" if found else "run code"
         raise PickleWeightsError(
             f"{path} tried to {tried} while it was unpickled; weights never do, so it was "
             "refused (weights_only loading ran none of it). It may be malicious: use this "

@@ -81,6 +81,34 @@ def load(folder: Path | str, **kwargs: Any) -> Any:
     return pipe
 
 
+def load_then_generate(folder: Path, names: list[str], **kwargs: Any) -> None:
+    """The fuzzers' check: loading gives a typed error naming one of ``names`` or a pipeline;
+    a loaded pipeline then generates, or gives a typed error (a setting the model's files
+    allow but the call's arguments do not, e.g. PNDM's warm-up with one step, or weights
+    whose values overflow: `NonFiniteError`)."""
+    pipe: list[Any] = []
+    error = attack(
+        lambda: pipe.append(
+            latentkit.load_pipeline(folder, device="cpu", progress=False, **kwargs)
+        ),
+        may_succeed=True,
+        seconds=20,
+        trace=False,
+    )
+    if error is not None:
+        message = str(error)
+        assert any(name in message for name in names), message
+        return
+    attack(
+        lambda: pipe[0].generate(
+            "a cat", steps=4, seed=0, height=16, width=16, output_type="np", progress=False
+        ),
+        may_succeed=True,
+        seconds=20,
+        trace=False,
+    )
+
+
 class Timeout:
     """Run ``call`` in a daemon thread; fail if it is still running after ``seconds`` (a
     hang that ``attack``'s clock would never see end)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from hardening import attack, copy_model, load
+from hardening import attack, copy_model, load, load_then_generate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -519,31 +519,6 @@ def header_mutation(draw: st.DrawFn, raw: bytes) -> bytes:
     elif how == "pad":
         data = data + draw(st.binary(min_size=1, max_size=64))
     return with_header(header, data)
-
-
-def load_then_generate(folder: Path, names: list[str]) -> None:
-    """The fuzzers' check: loading gives a typed error naming one of ``names`` or a pipeline;
-    a loaded pipeline then generates, or gives a typed error (a setting the model's files
-    allow but the call's arguments do not, e.g. PNDM's warm-up with one step)."""
-    pipe: list[Any] = []
-    error = attack(
-        lambda: pipe.append(latentkit.load_pipeline(folder, device="cpu", progress=False)),
-        may_succeed=True,
-        seconds=20,
-        trace=False,
-    )
-    if error is not None:
-        message = str(error)
-        assert any(name in message for name in names), message
-        return
-    attack(
-        lambda: pipe[0].generate(
-            "a cat", steps=4, seed=0, height=16, width=16, output_type="np", progress=False
-        ),
-        may_succeed=True,
-        seconds=20,
-        trace=False,
-    )
 
 
 @given(data=st.data())
