@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from latentkit import conditioners, pipelines, schedulers
+from latentkit import conditioners, control, pipelines, schedulers
 from latentkit.api import clear_cache, generate, load_pipeline
 from latentkit.errors import (
     InvalidArgumentError,
@@ -55,6 +55,7 @@ __all__ = [
     "WeightMismatchError",
     "clear_cache",
     "conditioners",
+    "control",
     "generate",
     "limits",
     "load_pipeline",

@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +78,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--depth", type=Path, default=None, help="depth map image (depth-to-image models)"
+    )
+    control = gen.add_argument_group("ControlNet (see docs/controlnet.md)")
+    control.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="ControlNet Hub repo or folder; repeat for several",
+    )
+    control.add_argument(
+        "--control-image",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="control image, one per --controlnet, in the same order",
+    )
+    for flag, text in (
+        ("--control-scale", "how strongly the ControlNets steer (default 1)"),
+        ("--control-start", "fraction of the steps before which they are off (default 0)"),
+        ("--control-end", "fraction of the steps after which they are off (default 1)"),
+    ):
+        control.add_argument(
+            flag,
+            type=float,
+            action="append",
+            default=None,
+            help=text + "; once for all or once per --controlnet",
+        )
+    control.add_argument(
+        "--guess-mode",
+        action="store_true",
+        help="the ControlNets steer only the prompt's branch of guidance",
     )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
@@ -170,6 +204,7 @@ def _generate(args: argparse.Namespace) -> int:
         what: None if path is None else images.open_image(path, what)
         for what, path in (("--image", args.image), ("--mask", args.mask), ("--depth", args.depth))
     }
+    control = _control_options(args)
     performance = Performance(
         autocast=args.autocast,
         channels_last=args.channels_last,
@@ -190,6 +225,8 @@ def _generate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         performance=performance,
     )
+    for source in args.controlnet:
+        pipe = pipe.with_controlnet(source, progress=not args.quiet)
     result = pipe.generate(
         args.prompt,
         negative_prompt=args.negative,
@@ -206,10 +243,47 @@ def _generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         depth_map=opened["--depth"],
         clip_skip=args.clip_skip,
+        **control,
     )
     for path in result.save(output, overwrite=args.overwrite):
         print(path)
     return 0
+
+
+def _control_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ControlNet keywords of ``generate`` from the flags, the control images read now
+    (an unreadable file or a wrong count fails before any model loads)."""
+    from latentkit import images
+    from latentkit.errors import InvalidArgumentError
+
+    nets, paths = len(args.controlnet), args.control_image
+    if nets == 0:
+        flags = ("control_image", "control_scale", "control_start", "control_end")
+        used = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f)]
+        if args.guess_mode:
+            used.append("--guess-mode")
+        if used:
+            raise InvalidArgumentError(f"{', '.join(used)} need(s) --controlnet")
+        return {}
+    if len(paths) != nets:
+        raise InvalidArgumentError(
+            f"got {len(paths)} --control-image for {nets} --controlnet; give one each"
+        )
+    opened = [images.open_image(path, "--control-image") for path in paths]
+    options: dict[str, Any] = {"control_image": opened[0] if nets == 1 else opened}
+    for name in ("control_scale", "control_start", "control_end"):
+        values = getattr(args, name)
+        if values is None:
+            continue
+        if len(values) not in (1, nets):
+            raise InvalidArgumentError(
+                f"--{name.replace('_', '-')} given {len(values)} times for {nets} --controlnet; "
+                "give it once or once per --controlnet"
+            )
+        options[name] = values[0] if len(values) == 1 else values
+    if args.guess_mode:
+        options["guess_mode"] = True
+    return options
 
 
 def _batch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

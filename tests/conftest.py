@@ -53,3 +53,8 @@ def sdxl_inpaint_path(models_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def sd1_controlnet_path(models_root: Path) -> Path:
     return tiny_models.save_controlnet("sd1", models_root)
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet_path(models_root: Path) -> Path:
+    return tiny_models.save_controlnet("sdxl", models_root)

@@ -686,3 +686,61 @@ def test_threads_share_a_controlled_pipeline(sd1: Any, nets: dict[str, Path]) ->
         t.join()
     for s in range(3):
         assert np.array_equal(got[s], expected[s])
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_command_line_matches_the_python_call(
+    sd1: Any, sd1_path: Path, nets: dict[str, Path], tmp_path: Path
+) -> None:
+    from latentkit.cli import main
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"control-{i}.png")
+        edges(i).save(paths[-1])
+    out = tmp_path / "out.png"
+    args = ["generate", "a red cat", "-o", str(out), "--model", str(sd1_path), "--quiet"]
+    args += ["--steps", str(STEPS), "--seed", "7", "--device", "cpu"]
+    args += ["--controlnet", str(nets["sd1"]), "--controlnet", str(nets["sd1-b"])]
+    args += ["--control-image", str(paths[0]), "--control-image", str(paths[1])]
+    args += ["--control-scale", "0.5", "--control-scale", "1.2", "--control-end", "0.75"]
+    args += ["--guess-mode"]
+    assert main(args) == 0
+    pipe = sd1.with_controlnet(nets["sd1"]).with_controlnet(nets["sd1-b"])
+    expected = pipe.generate(
+        "a red cat",
+        steps=STEPS,
+        seed=7,
+        control_image=[edges(0), edges(1)],
+        control_scale=[0.5, 1.2],
+        control_end=0.75,
+        guess_mode=True,
+        progress=False,
+    ).images[0]
+    with Image.open(out) as written:
+        assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--control-image", "x.png"], "--control-image need"),
+        (["--guess-mode"], "--guess-mode need"),
+        (
+            ["--controlnet", "a", "--controlnet", "b", "--control-image", "x.png"],
+            "1 --control-image for 2",
+        ),
+        (["--controlnet", "a", "--control-image", "/no/such.png"], "no image file"),
+    ],
+)
+def test_command_line_control_errors_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], match: str
+) -> None:
+    from latentkit.cli import main
+
+    args = ["generate", "a cat", "-o", str(tmp_path / "o.png"), "--model", str(tmp_path / "none")]
+    assert main([*args, "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "does not exist" not in err  # failed before the model was looked up

@@ -210,4 +210,4 @@ def test_depth_map_on_a_model_without_depth_channels(sd1_path: Path) -> None:
 
 
 def test_conditioners_are_registered() -> None:
-    assert latentkit.conditioners.names() == ["depth", "mask", "size-ids", "text"]
+    assert latentkit.conditioners.names() == ["controlnet", "depth", "mask", "size-ids", "text"]

@@ -37,6 +37,9 @@ HUB = {
     "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl_path", "main"),
     "stabilityai/stable-diffusion-xl-refiner-1.0": ("sdxl_refiner_path", "main"),
     "owner/model": ("sd1_path", REVISION),
+    "lllyasviel/control_v11p_sd15_canny": ("sd1_controlnet_path", "main"),
+    "lllyasviel/control_v11f1p_sd15_depth": ("sd1_controlnet_path", "main"),
+    "diffusers/controlnet-canny-sdxl-1.0": ("sdxl_controlnet_path", "main"),
 }
 FAKE_COMMIT = "f" * 40
 

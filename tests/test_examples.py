@@ -29,6 +29,7 @@ EXAMPLES = {
     "depth_to_image.py": ["depth_estimated.png", "depth_given.png"],
     "fast_generation.py": ["fast_generation-plain.png", "fast_generation-fast.png"],
     "sdxl.py": ["sdxl.png"],
+    "controlnet.py": ["controlnet-source.png", "controlnet.png"],
 }
 # The tiny model each example runs on (fixtures in conftest.py); the rest use "sd1_path".
 MODELS = {
@@ -37,7 +38,10 @@ MODELS = {
     "sdxl.py": "sdxl_path",
 }
 # Further model arguments an example takes: option -> fixture.
-MORE_MODELS = {"sdxl.py": {"--refiner": "sdxl_refiner_path"}}
+MORE_MODELS = {
+    "sdxl.py": {"--refiner": "sdxl_refiner_path"},
+    "controlnet.py": {"--controlnet": "sd1_controlnet_path"},
+}
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess[str]:

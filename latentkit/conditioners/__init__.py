@@ -27,12 +27,15 @@ def names() -> list[str]:
     return registry.names()
 
 
+from latentkit.conditioners.control import ControlInput, ControlNetConditioner  # noqa: E402
 from latentkit.conditioners.depth import DepthConditioner, DepthInput  # noqa: E402
 from latentkit.conditioners.mask import MaskConditioner, MaskedImage  # noqa: E402
 from latentkit.conditioners.size import SizeConditioner  # noqa: E402
 from latentkit.conditioners.text import TextConditioner  # noqa: E402
 
 __all__ = [
+    "ControlInput",
+    "ControlNetConditioner",
     "DepthConditioner",
     "DepthInput",
     "MaskConditioner",
