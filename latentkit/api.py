@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from latentkit import pipelines
+from latentkit.checkpoints import single_file
 from latentkit.devices import resolve_device, resolve_dtype
-from latentkit.errors import InvalidArgumentError
+from latentkit.errors import InvalidArgumentError, ModelNotFoundError
 from latentkit.performance import Performance, Runtime
 from latentkit.pipelines import LatentDiffusion, detect
+from latentkit.pipelines.base import Parts
+from latentkit.protocols import PredictionType
 from latentkit.request import Request
 from latentkit.results import GenerationResult
 
@@ -34,9 +40,22 @@ def load_pipeline(
     allow_pickle: bool = False,
     progress: bool = True,
     performance: Performance | None = None,
+    filename: str | None = None,
+    prediction_type: PredictionType | None = None,
+    vae: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
 ) -> LatentDiffusion:
-    """Load a model of any registered family (SD 1.x/2.x, SDXL, ...) from a Hub repo id or a
-    local diffusers folder.
+    """Load a model of any registered family (SD 1.x/2.x, SDXL, ...) from a Hub repo id, a
+    local diffusers folder, or a single checkpoint file.
+
+    A single file (``model.safetensors`` in the original CompVis/A1111 layout, local, or on the
+    Hub as ``"org/repo/file.safetensors"`` or ``source="org/repo", filename=...``) is
+    recognised by its tensors (`latentkit.checkpoints`): SD 1.x, SD 2.x, SDXL base or refiner,
+    text-to-image, inpainting or depth; ``prediction_type`` says what the tensors cannot
+    (SD 2.x files default to ``"v_prediction"``, as diffusers' default config for them).
+    ``config`` (a local diffusers folder) gives a single file its configs and tokenizers
+    instead of the published ones. ``vae`` swaps the autoencoder: a diffusers VAE folder or
+    Hub repo, or a single VAE file.
 
     The family is read from ``model_index.json``'s ``_class_name`` and, where that is
     ambiguous, from the UNet config (`latentkit.pipelines.detect`); ``pipe.family`` names it.
@@ -83,20 +102,148 @@ def load_pipeline(
             f"performance must be a latentkit.Performance, not {type(performance).__name__}"
         )
     Runtime(performance or Performance(), dev).check()
-    files = resolve(
-        source,
-        revision=revision,
-        variant=variant,
+    if prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+        raise InvalidArgumentError(
+            f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}"
+        )
+    if filename is not None or single_file.is_single_file(source):
+        path = _file(
+            source,
+            filename,
+            allow_pickle=allow_pickle,
+            what="checkpoint",
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        folder = None if config is None else Path(config).expanduser()
+        if folder is not None and not (folder / "model_index.json").is_file():
+            raise InvalidArgumentError(f"config must be a diffusers folder; {folder} is not one")
+        parts, name = single_file.parts(
+            path,
+            name=os.fspath(source),
+            allow_pickle=allow_pickle,
+            prediction_type=prediction_type,
+            config=folder,
+        )
+        family = pipelines.registry[name]
+    else:
+        files = resolve(
+            source,
+            revision=revision,
+            variant=variant,
+            allow_pickle=allow_pickle,
+            progress=progress,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        family = detect(files.model_index(), files.config("unet"), source=files.name)
+        parts = Parts.from_files(files, family=family)
+        if prediction_type is not None:
+            scheduler = {**parts.configs["scheduler"], "prediction_type": prediction_type}
+            parts = dataclasses.replace(parts, configs={**parts.configs, "scheduler": scheduler})
+    if vae is not None:
+        parts = _with_vae(
+            parts,
+            vae,
+            allow_pickle=allow_pickle,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+    return LatentDiffusion.from_parts(
+        parts, family=family, device=dev, dtype=dt, progress=progress, performance=performance
+    )
+
+
+def _file(
+    source: str | os.PathLike[str],
+    filename: str | None,
+    *,
+    allow_pickle: bool,
+    what: str,
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+    token: str | bool | None,
+) -> Path:
+    """The local path of a single file: ``source`` itself, ``source/filename`` (a folder or a
+    Hub repo), or ``org/repo/file`` on the Hub (downloaded, or found in the cache)."""
+    from latentkit.adapters.common import find_adapter_file
+
+    name = os.fspath(source)
+    if filename is None and not Path(name).expanduser().exists() and name.count("/") >= 2:
+        repo, _, filename = name.partition("/")[2].partition("/")
+        name, filename = f"{name.split('/')[0]}/{repo}", filename
+    return find_adapter_file(
+        name,
+        weight_name=filename,
+        default_names=(),
+        allow_pickle=allow_pickle,
         cache_dir=cache_dir,
         local_files_only=local_files_only,
         token=token,
-        allow_pickle=allow_pickle,
-        progress=progress,
+        what=what,
     )
-    family = detect(files.model_index(), files.config("unet"), source=files.name)
-    return LatentDiffusion.from_files(
-        files, family=family, device=dev, dtype=dt, progress=progress, performance=performance
+
+
+def _with_vae(
+    parts: Parts,
+    vae: str | os.PathLike[str],
+    *,
+    allow_pickle: bool,
+    cache_dir: str | os.PathLike[str] | None,
+    local_files_only: bool,
+    token: str | bool | None,
+) -> Parts:
+    """``parts`` with the autoencoder at ``vae`` (folder, Hub repo or single file)."""
+    if not isinstance(vae, (str, os.PathLike)):
+        raise InvalidArgumentError(f"vae must be a path or a Hub repo id, not {type(vae).__name__}")
+    name = os.fspath(vae)
+    path = Path(name).expanduser()
+    if not path.exists() and not single_file.is_single_file(name) and name.count("/") == 1:
+        from huggingface_hub import constants, snapshot_download
+
+        try:
+            path = Path(
+                snapshot_download(
+                    name,
+                    allow_patterns=["config.json", "diffusion_pytorch_model.safetensors"],
+                    cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+                    local_files_only=local_files_only or constants.HF_HUB_OFFLINE,
+                    token=token,
+                )
+            )
+        except Exception as e:  # offline and not cached, not on the Hub, refused
+            raise ModelNotFoundError(
+                f"vae {name}: cannot get it from the Hub or the cache ({e})"
+            ) from e
+    elif not path.is_dir():
+        path = _file(
+            name,
+            None,
+            allow_pickle=allow_pickle,
+            what="vae",
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+    config, tensors = single_file.vae_override(
+        path, config=parts.configs["vae"], allow_pickle=allow_pickle
     )
+    base = parts.tensors
+
+    def swapped(
+        component: str, device: torch.device, dtype: torch.dtype
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        chosen: Iterable[tuple[str, torch.Tensor]] = (
+            tensors(component, device, dtype)
+            if component == "vae"
+            else base(component, device, dtype)
+        )
+        return chosen
+
+    return dataclasses.replace(parts, configs={**parts.configs, "vae": config}, tensors=swapped)
 
 
 _cache_lock = threading.Lock()

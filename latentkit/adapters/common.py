@@ -78,8 +78,9 @@ def find_adapter_file(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    what: str = "adapter",
 ) -> Path:
-    """The adapter file ``source`` names: a file, a folder, or a Hub repo id.
+    """The ``what`` (adapter) file ``source`` names: a file, a folder, or a Hub repo id.
 
     In a folder or repo, ``weight_name`` if given, else the first of ``default_names``
     present, else its only safetensors file (or only pickle, with ``allow_pickle``).
@@ -97,7 +98,7 @@ def find_adapter_file(
         )
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFoundError(
-            f"adapter {name} does not exist (a file, a folder or a Hub repo id)"
+            f"{what} {name} does not exist (a file, a folder or a Hub repo id)"
         )
     return _hub_file(
         name,

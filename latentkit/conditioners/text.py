@@ -151,6 +151,7 @@ class TextConditioner:
         *,
         tokenizer: CLIPTokenizer | transformers.CLIPTokenizer,
         text_encoder: CLIPTextEncoder | CLIPTextModel,
+        component: str = "text_encoder",
     ) -> None:
         """``tokenizer`` is latentkit's `CLIPTokenizer` (what `load_pipeline` builds) or
         transformers' (e.g. from `latentkit.lab.training.build_word_tokenizer`); ``text_encoder``
@@ -158,6 +159,8 @@ class TextConditioner:
         being trained)."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.component = component
+        """The model component this encoder is (``text_encoder`` or ``text_encoder_2``)."""
 
     @property
     def window(self) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from latentkit import images, schedulers
+from latentkit.conditioners import control as controlnet
+from latentkit.conditioners.control import ControlNetConditioner
 from latentkit.conditioners.depth import DepthConditioner, DepthInput
 from latentkit.conditioners.mask import MaskConditioner, MaskedImage
 from latentkit.conditioners.text import TextConditioner, TextEmbeddings, encode_prompts
@@ -33,6 +36,7 @@ from latentkit.errors import (
 )
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
 from latentkit.noise import first_generator, randn
+from latentkit.outpainting import Outpaint, check_margins, extend
 from latentkit.performance import Performance, Runtime
 from latentkit.pipelines.family import Family
 from latentkit.pipelines.sd import StableDiffusionFamily
@@ -40,10 +44,12 @@ from latentkit.protocols import Generators, Scheduler, Seeds
 from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int, limits
 from latentkit.results import GenerationParameters, GenerationResult, to_output
 from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
+from latentkit.tiles import map_tiles
 from latentkit.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import AutoencoderKL
+    from latentkit.models.controlnet import ControlNetConfig
     from latentkit.models.unet import UNet2DCondition
 
 
@@ -54,6 +60,68 @@ DEFAULT_STEPS = 50
 
 TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 """The text encoders a model folder may have, in the order their states are concatenated."""
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A model's parts, however they are stored (a diffusers folder, a single checkpoint)."""
+
+    name: str
+    """The source as the user gave it, for messages and metadata."""
+    model_index: Mapping[str, Any]
+    configs: Mapping[str, Mapping[str, Any]]
+    """Diffusers configs by component: ``unet``, ``vae``, ``scheduler``, each text encoder's,
+    and any the family lists in ``extra_configs``."""
+    encoders: tuple[str, ...]
+    """The text encoder components present (``text_encoder``, ``text_encoder_2``), in order."""
+    tensors: Callable[[str, torch.device, torch.dtype], Iterable[tuple[str, torch.Tensor]]]
+    """A component's tensors, named as its module's parameters, streamed one at a time."""
+    tokenizer: Callable[[str], CLIPTokenizer]
+    """The tokenizer of a text encoder component."""
+    depth: Callable[[torch.device, torch.dtype], DepthConditioner] | None = None
+    """Builds the depth estimator of a depth-to-image model."""
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, *, family: type[Family]) -> Parts:
+        """The parts of a diffusers folder (resolved by `latentkit.loading.resolve`)."""
+        from latentkit.models.autoencoder import rename_legacy_key
+        from latentkit.models.text_encoder import rename_checkpoint_key
+
+        model_index = files.model_index()
+        for component in ("unet", "vae", *(e for e, _ in TEXT_COMPONENTS)):
+            listed = model_index.get(component)
+            if isinstance(listed, list) and listed[:1] != [None] and component not in files.weights:
+                raise MissingComponentError(
+                    f"{files.name}: model_index.json lists {component} but its files are missing"
+                )
+        encoders = tuple(e for e, _ in TEXT_COMPONENTS if e in files.weights)
+        folders = dict(TEXT_COMPONENTS)
+        renames = {"vae": rename_legacy_key, **{e: rename_checkpoint_key for e in encoders}}
+
+        def tensors(
+            component: str, device: torch.device, dtype: torch.dtype
+        ) -> Iterator[tuple[str, torch.Tensor]]:
+            rename = renames.get(component, lambda k: k)
+            return read_state_dict(
+                files.weights[component], device=device, dtype=dtype, rename=rename
+            )
+
+        return cls(
+            name=files.name,
+            model_index=model_index,
+            configs={c: files.config(c) for c in ("unet", "vae", *encoders, *family.extra_configs)}
+            | {"scheduler": _scheduler_config(files)},
+            encoders=encoders,
+            tensors=tensors,
+            # latentkit's own CLIP tokenizer: the same ids as transformers', without
+            # importing transformers (most of a small model's load time).
+            tokenizer=lambda e: CLIPTokenizer.from_pretrained(files.root / folders[e]),
+            depth=(
+                (lambda device, dtype: _load_depth_estimator(files, device, dtype))
+                if "depth_estimator" in files.weights
+                else None
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -97,6 +165,8 @@ class ImageInputs:
     """A given depth map (1, H, W)."""
     latents: torch.Tensor | None = None
     """Given latents (B, C, h, w), already scaled (a base model's ``output_type="latent"``)."""
+    paste: Outpaint | None = None
+    """Outpainting: the picture to paste back over the decoded canvas (`Outpaint.paste`)."""
 
     @property
     def from_noise(self) -> bool:
@@ -149,6 +219,11 @@ class LatentDiffusion:
     defaults: dict[str, float] = dataclasses.field(default_factory=dict)
     """The model's recommended ``steps`` / ``guidance_scale`` (``_latentkit_defaults`` in
     ``model_index.json``), used when `generate` is not given them."""
+    controls: tuple[ControlNetConditioner, ...] = ()
+    """ControlNets attached with `with_controlnet`, in order; their residuals are summed."""
+    component_configs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    """The configs of the family's config-only components (`Family.extra_configs`), by
+    name: the x4 upscaler's ``low_res_scheduler``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.text, TextConditioner):
@@ -181,18 +256,34 @@ class LatentDiffusion:
         performance: Performance | None = None,
     ) -> LatentDiffusion:
         """Build the pipeline of ``family`` from resolved model files (`latentkit.load_pipeline`)."""
+        parts = Parts.from_files(files, family=family)
+        return cls.from_parts(
+            parts,
+            family=family,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            performance=performance,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts: Parts,
+        *,
+        family: type[Family],
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        progress: bool = True,
+        performance: Performance | None = None,
+    ) -> LatentDiffusion:
+        """Build the pipeline of ``family`` from a model's `Parts` (a diffusers folder's or a
+        single checkpoint's): networks built on the meta device, weights assigned as they
+        stream in, so no second copy of them ever exists."""
         from tqdm.auto import tqdm
 
-        from latentkit.models.autoencoder import (
-            AutoencoderKL,
-            AutoencoderKLConfig,
-            rename_legacy_key,
-        )
-        from latentkit.models.text_encoder import (
-            CLIPTextConfig,
-            CLIPTextEncoder,
-            rename_checkpoint_key,
-        )
+        from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+        from latentkit.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
         from latentkit.models.unet import UNet2DCondition, UNetConfig
 
         dev = resolve_device(device)
@@ -200,64 +291,50 @@ class LatentDiffusion:
         runtime = Runtime(performance or Performance(), dev)
         runtime.check()
         home = runtime.storage_device  # the CPU when offloading, else the device
-        scheduler_config = _scheduler_config(files)
+        scheduler_config = dict(parts.configs["scheduler"])
         scheduler = schedulers.from_config(scheduler_config)
-        unet_config = UNetConfig.from_dict(files.config("unet"))
-        vae_config = AutoencoderKLConfig.from_dict(files.config("vae"))
+        unet_config = UNetConfig.from_dict(parts.configs["unet"])
+        vae_config = AutoencoderKLConfig.from_dict(parts.configs["vae"])
         # SDXL's VAE overflows in half precision: it runs in float32 (diffusers' force_upcast).
         upcast = family.upcast_vae and vae_config.force_upcast and dt == torch.float16
-        model_index = files.model_index()
-        for component in ("unet", "vae", *(e for e, _ in TEXT_COMPONENTS)):
-            listed = model_index.get(component)
-            if isinstance(listed, list) and listed[:1] != [None] and component not in files.weights:
-                raise MissingComponentError(
-                    f"{files.name}: model_index.json lists {component} but its files are missing"
-                )
-        texts = [(e, t) for e, t in TEXT_COMPONENTS if e in files.weights]
-        if not texts:
-            raise UnsupportedModelError(f"{files.name}: the model has no text encoder")
+        if not parts.encoders:
+            raise UnsupportedModelError(f"{parts.name}: the model has no text encoder")
 
         bar = tqdm(
-            total=3 + len(texts), desc=f"loading {files.name}", disable=not progress, leave=False
+            total=3 + len(parts.encoders),
+            desc=f"loading {parts.name}",
+            disable=not progress,
+            leave=False,
         )
-        depth_model = "depth_estimator" in files.weights
         # transformers is imported only for a depth model's estimator.
-        with bar, progress_bars(progress, transformers=depth_model):
+        with bar, progress_bars(progress, transformers=parts.depth is not None):
             with torch.device("meta"):
                 # Built on the meta device: no memory, no random init; the weights are assigned.
                 unet = UNet2DCondition(unet_config)
                 vae = AutoencoderKL(vae_config)
                 encoders = [
-                    CLIPTextEncoder(CLIPTextConfig.from_dict(files.config(e))) for e, _ in texts
+                    CLIPTextEncoder(CLIPTextConfig.from_dict(parts.configs[e]))
+                    for e in parts.encoders
                 ]
-            load_into(
-                unet, read_state_dict(files.weights["unet"], device=home, dtype=dt), name="unet"
-            )
+            load_into(unet, parts.tensors("unet", home, dt), name="unet")
             bar.update()
-            vae_dt = torch.float32 if upcast else dt
-            tensors = read_state_dict(
-                files.weights["vae"], device=home, dtype=vae_dt, rename=rename_legacy_key
-            )
-            load_into(vae, tensors, name="vae")
+            load_into(vae, parts.tensors("vae", home, torch.float32 if upcast else dt), name="vae")
             bar.update()
             text = []
-            for (component, tokenizer), encoder in zip(texts, encoders, strict=True):
-                tensors = read_state_dict(
-                    files.weights[component], device=home, dtype=dt, rename=rename_checkpoint_key
-                )
-                load_into(encoder, tensors, name=component)
-                # latentkit's own CLIP tokenizer: the same ids as transformers', without
-                # importing transformers (most of a small model's load time).
+            for component, encoder in zip(parts.encoders, encoders, strict=True):
+                load_into(encoder, parts.tensors(component, home, dt), name=component)
                 text.append(
                     TextConditioner(
-                        tokenizer=CLIPTokenizer.from_pretrained(files.root / tokenizer),
+                        tokenizer=parts.tokenizer(component),
                         text_encoder=encoder,
+                        component=component,
                     )
                 )
                 bar.update()
-            depth = _load_depth_estimator(files, home, dt) if depth_model else None
+            depth = parts.depth(home, dt) if parts.depth is not None else None
             runtime.prepare(unet, vae)
             bar.update()
+        model_index = parts.model_index
         return cls(
             unet=unet,
             vae=vae,
@@ -266,12 +343,13 @@ class LatentDiffusion:
             scheduler_config=scheduler_config,
             device=dev,
             dtype=dt,
-            name=files.name,
+            name=parts.name,
             spec=family,
             config=model_index,
             depth=depth,
             runtime=runtime,
             defaults=check_generation_defaults(model_index.get(DEFAULTS_KEY, {})),
+            component_configs={c: parts.configs[c] for c in family.extra_configs},
         )
 
     def with_scheduler(self, scheduler: str | Scheduler, /, **options: Any) -> LatentDiffusion:
@@ -282,6 +360,63 @@ class LatentDiffusion:
         an object from `latentkit.schedulers.create` for the options its caller left unset.
         """
         return dataclasses.replace(self, scheduler=self.resolve_scheduler(scheduler, **options))
+
+    def with_controlnet(
+        self,
+        source: str | os.PathLike[str] | ControlNetConditioner,
+        /,
+        *,
+        revision: str | None = None,
+        variant: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        allow_pickle: bool = False,
+        progress: bool = True,
+    ) -> LatentDiffusion:
+        """This pipeline with a ControlNet attached (Zhang et al. 2023): ``generate`` then
+        takes ``control_image`` (and ``control_scale``, ``control_start``, ``control_end``,
+        ``guess_mode``). Chaining attaches several; their residuals are summed. This pipeline
+        is unchanged; the new one shares its weights.
+
+        ``source`` is a Hub repo id or a folder in diffusers' layout (``config.json`` and
+        ``diffusion_pytorch_model.safetensors``; the keywords are `latentkit.load_pipeline`'s),
+        or a `ControlNetConditioner` already loaded. A ControlNet for another base (an SDXL
+        one on SD 1.5) is refused with `UnsupportedModelError` before its weights are read.
+
+        >>> pipe = pipe.with_controlnet("lllyasviel/control_v11p_sd15_canny")  # doctest: +SKIP
+        """
+        assert self.runtime is not None
+
+        def fits(config: ControlNetConfig, name: str) -> None:
+            controlnet.check_base(
+                config,
+                self.unet.config,
+                latent_channels=self.vae.latent_channels,
+                scale_factor=self.vae.scale_factor,
+                name=self.name,
+                source=name,
+            )
+
+        if isinstance(source, ControlNetConditioner):
+            fits(source.network.control_config, source.source)
+            control = source
+        else:
+            control = ControlNetConditioner.load(
+                source,
+                device=self.runtime.storage_device,
+                dtype=self.dtype,
+                revision=revision,
+                variant=variant,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+                allow_pickle=allow_pickle,
+                progress=progress,
+                fits=fits,
+            )
+        self.runtime.configure(control.network, "controlnet")
+        return dataclasses.replace(self, controls=(*self.controls, control))
 
     def resolve_scheduler(self, scheduler: str | Scheduler | None, /, **options: Any) -> Scheduler:
         """The scheduler a call uses: the pipeline's own for None, else ``scheduler`` fitted
@@ -322,9 +457,10 @@ class LatentDiffusion:
     def run(self, request: Request) -> GenerationResult:
         """Generate the images a checked `Request` asks for."""
         self._check(request)
+        tiles = self._latent_tiles()
         if request.clip_skip is None and self.spec.clip_skip is not None:
             request = dataclasses.replace(request, clip_skip=self.spec.clip_skip)
-        steps = request.steps or int(self.defaults.get("steps", DEFAULT_STEPS))
+        steps = request.steps or int(self.defaults.get("steps", self.spec.steps))
         guidance = request.guidance_scale
         if guidance is None:
             guidance = float(self.defaults.get("guidance_scale", self.spec.guidance_scale))
@@ -359,12 +495,39 @@ class LatentDiffusion:
             concat = start.concat
             if concat is not None and guided:
                 concat = torch.cat([concat, concat])
+            control = controlnet.start_control(
+                self.controls,
+                request,
+                size=(height, width),
+                batch=batch,
+                guided=guided,
+                # diffusers' `controlnet_keep` counts the evaluations from the start position
+                # to the end of the schedule, before any denoising_end cut.
+                evaluations=len(sched.timesteps(steps)) - first,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            labels = self.spec.class_labels(self, request)  # the x4 upscaler's noise level
+            if labels is not None:
+                labels = labels.to(self.device).expand(batch * (2 if guided else 1))
 
             def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 x_in = torch.cat([x, x]) if guided else x
+                # ControlNet residuals: one call per evaluation, on the latents only.
+                residuals = (
+                    None if control is None else control(x, x_in, t, cond.context, cond.vector)
+                )
                 if concat is not None:  # inpainting and depth models read extra channels
                     x_in = torch.cat([x_in, concat], dim=1)
-                out = rt.unet(x_in, t, cond.context, cond.vector)
+
+                def unet(window: torch.Tensor) -> torch.Tensor:
+                    return rt.unet(window, t, cond.context, cond.vector, residuals, labels)
+
+                # Large latents in overlapping tiles, blended at every evaluation (MultiDiffusion).
+                if tiles is None:
+                    out = unet(x_in)
+                else:
+                    out = map_tiles(unet, x_in, tile=tiles[0], overlap=tiles[1])
                 if not guided:
                     return out
                 out_uncond, out_text = out.chunk(2)
@@ -374,7 +537,7 @@ class LatentDiffusion:
                     out = rescale_guidance(out, out_text, request.guidance_rescale)
                 return out
 
-            with rt.stage(self.unet):
+            with rt.stage(self.unet, *(c.network for c in self.controls)):
                 latents = self._denoise(
                     sched, model, start, steps, first, last, generators, request
                 )
@@ -383,8 +546,11 @@ class LatentDiffusion:
                 outputs = latents  # (B, C, h, w), as diffusers returns them
             else:
                 with rt.stage(self.vae):
-                    decoded = self._decode(latents)
-                outputs = to_output(decoded.to(self.dtype), request.output_type)
+                    decoded = self._decode(latents).to(self.dtype)
+                if inputs is not None and inputs.paste is not None:
+                    # Outpainting: the picture's own pixels back outside the seam (float32).
+                    decoded = inputs.paste.paste(decoded)
+                outputs = to_output(decoded, request.output_type)
                 # Batched like diffusers: an array (N, H, W, 3) or a tensor (N, 3, H, W).
                 if request.output_type == "np":
                     outputs = np.stack(outputs)
@@ -434,7 +600,28 @@ class LatentDiffusion:
             raise InvalidArgumentError(
                 f"negative_prompt_embeds {tuple(ne.shape)} must match prompt_embeds {tuple(pe.shape)}"
             )
+        controlnet.check_request(self.controls, request, name=self.name)
         self.spec.check(self, request)
+
+    def _latent_tiles(self) -> tuple[int, int] | None:
+        """(tile, overlap) in latents for ``Performance.unet_tiling``, or None."""
+        assert self.runtime is not None
+        tiling = self.runtime.unet_tiling
+        if tiling is None:
+            return None
+        if self.controls:
+            raise InvalidArgumentError(
+                "unet_tiling does not go with ControlNets yet: their residuals are computed "
+                "for the whole image; load the pipeline without unet_tiling"
+            )
+        factor = self.vae.scale_factor
+        if tiling.tile_size is None:
+            side = self.unet.config.sample_size or 64
+            tile = side if isinstance(side, int) else side[0]
+        else:
+            _check_size("unet_tiling tile_size", tiling.tile_size, factor)
+            tile = tiling.tile_size // factor
+        return tile, min(int(tile * tiling.overlap), tile - 1)
 
     def _prompts(self, request: Request) -> tuple[list[list[str]], list[list[str]]]:
         """The prompts and negative prompts for each text encoder (one each per batch item):
@@ -464,6 +651,20 @@ class LatentDiffusion:
         return [lists[0], lists[1]][:n], [lists[2], lists[3]][:n]
 
     def _size(self, request: Request) -> tuple[int, int]:
+        given = self.spec.size(self, request)  # the upscaler: 4x its input
+        if given is not None:
+            return given
+        if self.controls and request.control_image is not None:
+            # Text-to-image with ControlNets: the first control image's size (as diffusers).
+            for label, value in (("height", request.height), ("width", request.width)):
+                if value is not None:
+                    _check_size(label, value, self.vae.scale_factor)
+            return images.target_size(
+                controlnet.first_control_image(request),
+                request.height,
+                request.width,
+                self.vae.scale_factor,
+            )
         height = self.default_size[0] if request.height is None else request.height
         width = self.default_size[1] if request.width is None else request.width
         _check_size("height", height, self.vae.scale_factor)
@@ -474,16 +675,26 @@ class LatentDiffusion:
         """Read and check the image inputs (cheap: before any network runs)."""
         image, mask_image, depth_map = request.image, request.mask_image, request.depth_map
         channels = self.unet.config.in_channels
+        if self.spec.image_conditions:
+            # The family reads image= itself (`Family.concat`): nothing starts from it.
+            for name in ("mask_image", "strength", "depth_map", "outpaint", "denoising_start"):
+                if getattr(request, name) is not None:
+                    raise InvalidArgumentError(
+                        f"{name} does not go with {self.name} (family {self.family}): its "
+                        "image= is the input it conditions on, not a picture to start from"
+                    )
+            return None
+        outpaint = request.outpaint
         if depth_map is not None and channels != 5:
             raise InvalidArgumentError(
                 f"depth_map needs a depth-to-image model (in_channels=5); {self.name} has "
                 f"in_channels={channels}"
             )
-        if mask_image is not None and channels == 5:
+        if (mask_image is not None or outpaint is not None) and channels == 5:
             raise InvalidArgumentError(
                 f"{self.name} is a depth-to-image model (in_channels=5): it cannot inpaint"
             )
-        if channels == 9 and (image is None or mask_image is None):
+        if channels == 9 and (image is None or mask_image is None) and outpaint is None:
             raise InvalidArgumentError(
                 f"{self.name} is an inpainting model (in_channels=9): pass image= and mask_image="
             )
@@ -495,16 +706,18 @@ class LatentDiffusion:
             raise InvalidArgumentError(f"{self.name} has no depth estimator: pass depth_map=")
         if image is None and depth_map is None:
             return None
-        default = self.spec.img2img_strength if mask_image is None else self.spec.inpaint_strength
+        repaints = mask_image is not None or outpaint is not None
+        default = self.spec.inpaint_strength if repaints else self.spec.img2img_strength
         strength = default if request.strength is None else request.strength
         for label, value in (("height", request.height), ("width", request.width)):
             if value is not None:
                 _check_size(label, value, self.vae.scale_factor)
         latents = self._given_latents(image)
         if latents is not None:
-            if mask_image is not None or channels != 4:
+            if repaints or channels != 4:
                 raise InvalidArgumentError(
-                    "latents as image= work for image-to-image only (no mask, a 4-channel UNet)"
+                    "latents as image= work for image-to-image only (no mask or outpaint, a "
+                    "4-channel UNet)"
                 )
             factor = self.vae.scale_factor
             size = (latents.shape[-2] * factor, latents.shape[-1] * factor)
@@ -515,6 +728,8 @@ class LatentDiffusion:
                 )
             return ImageInputs(None, None, float(strength), size, latents=latents)
         picture = None if image is None else images.open_image(image, "image")
+        if picture is not None and outpaint is not None:
+            return self._outpaint_inputs(picture, outpaint, float(strength))
         depth = None if depth_map is None else images.open_image(depth_map, "depth_map")
         source = picture if picture is not None else depth
         assert source is not None
@@ -532,6 +747,37 @@ class LatentDiffusion:
             size=size,
             picture=picture,
             depth_map=None if depth is None else images.depth_tensor(depth),
+        )
+
+    def _outpaint_inputs(
+        self, picture: Any, margins: tuple[int, int, int, int], strength: float
+    ) -> ImageInputs:
+        """Outpainting as inpainting: the canvas (the picture, its edges repeated into the
+        margins), the margins plus a seam as the mask, and the picture to paste back."""
+        factor = self.vae.scale_factor
+        check_margins(margins, factor)
+        own = images.target_size(picture, None, None, 1)
+        if images.target_size(picture, None, None, factor) != own:
+            raise InvalidArgumentError(
+                f"outpainting keeps the image's pixels, so its size must be a multiple of "
+                f"{factor}; it is {own[0]}x{own[1]}: crop it to "
+                f"{own[0] - own[0] % factor}x{own[1] - own[1] % factor} first"
+            )
+        left, top, right, bottom = margins
+        size = (own[0] + top + bottom, own[1] + left + right)
+        if size[0] * size[1] > limits().max_pixels:  # before the canvas is allocated
+            raise InvalidArgumentError(
+                f"the outpainted canvas {size[0]}x{size[1]} exceeds the limit of "
+                f"{limits().max_pixels:,} pixels; raise it with latentkit.set_limits(max_pixels=...)"
+            )
+        grown = extend(images.image_tensor(picture, own), margins)
+        return ImageInputs(
+            pixels=grown.canvas,
+            mask=grown.mask,
+            strength=strength,
+            size=size,
+            picture=picture,
+            paste=grown,
         )
 
     def _given_latents(self, image: Any) -> torch.Tensor | None:
@@ -661,6 +907,31 @@ class LatentDiffusion:
         return Conditioning.guided(uncond, cond)
 
     def _start(
+        self,
+        inputs: ImageInputs | None,
+        shape: tuple[int, int, int, int],
+        generators: Generators,
+        request: Request,
+    ) -> Start:
+        """`_image_start`, with the family's extra UNet channels (`Family.concat`) after the
+        image task's. They are made first: diffusers draws the x4 upscaler's low-resolution
+        noise before the starting noise."""
+        extra = self.spec.concat(
+            self,
+            request,
+            latent_size=(shape[-2], shape[-1]),
+            generator=first_generator(generators),
+            device=self.device,
+            dtype=self.dtype,
+        )
+        start = self._image_start(inputs, shape, generators, request)
+        if extra is None:
+            return start
+        extra = extra.repeat(shape[0], 1, 1, 1)
+        concat = extra if start.concat is None else torch.cat([start.concat, extra], dim=1)
+        return dataclasses.replace(start, concat=concat)
+
+    def _image_start(
         self,
         inputs: ImageInputs | None,
         shape: tuple[int, int, int, int],
