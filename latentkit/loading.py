@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -169,6 +169,14 @@ def select_files(
     """Choose the files a pipeline needs from a repo listing.
 
     Returns the list of every file to fetch and, per model component, its weight files.
+class Selector(Protocol):
+    """Chooses the files to fetch from a repo listing: `select_files`'s signature."""
+
+    def __call__(
+        self, files: Iterable[str], *, variant: str | None, allow_pickle: bool, name: str
+    ) -> tuple[list[str], dict[str, list[str]]]: ...
+
+
     A variant's weights (``*.fp16.safetensors``) are preferred; a component without that
     variant falls back to its regular weights. Pickle weights are taken only when no
     safetensors exist and ``allow_pickle`` is set.
@@ -279,10 +287,14 @@ def resolve(
     each safetensors header must describe its file exactly (`latentkit.readers`).
     """
     if not isinstance(source, (str, os.PathLike)):
+    select: Selector | None = None,
         raise InvalidArgumentError(
             f"model must be a Hub repo id or a folder path, not {type(source).__name__}"
         )
     name = os.fspath(source)
+    ``select`` chooses the files from the folder's or repo's listing: `select_files` (a
+    pipeline's) by default; a single model (a ControlNet: ``config.json`` and weights at the
+    root) passes its own.
     if not isinstance(name, str) or "\0" in name or not name.strip():
         raise InvalidArgumentError(f"model must be a Hub repo id or a folder path, got {name!r}")
     check_revision(revision)
@@ -299,7 +311,9 @@ def resolve(
         )
     if path.is_dir():
         files = _list_model_folder(path, name)
-        needed, weights = select_files(files, variant=variant, allow_pickle=allow_pickle, name=name)
+        needed, weights = (select or select_files)(
+            files, variant=variant, allow_pickle=allow_pickle, name=name
+        )
         model = ModelFiles.at(path, name, weights, variant)
         check_model_files(model, needed, inside=_cache_repo_folder(path) or path, cached=False)
         return model
@@ -328,6 +342,7 @@ def _resolve_hub(
     variant: str | None,
     cache_dir: str | os.PathLike[str] | None,
     local_files_only: bool,
+        select=select,
     token: str | bool | None,
     allow_pickle: bool,
     progress: bool,
@@ -341,7 +356,11 @@ def _resolve_hub(
         RevisionNotFoundError,
     )
 
+    select: Selector | None = None,
     offline = local_files_only or constants.HF_HUB_OFFLINE
+    """A Hub repo's files (downloaded, or from the cache when offline), chosen from its
+    listing by ``select`` (default `select_files`: a pipeline's; a single model such as a
+    ControlNet passes its own)."""
     reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "local_files_only=True"
     if not offline:
         try:
@@ -363,7 +382,7 @@ def _resolve_hub(
             reason = f"the Hub cannot be reached ({type(e).__name__})"
         else:
             listing = [s.rfilename for s in info.siblings or []]
-            needed, weights = select_files(
+            needed, weights = (select or select_files)(
                 listing, variant=variant, allow_pickle=allow_pickle, name=repo_id
             )
             with progress_bars(progress):
@@ -397,7 +416,7 @@ def _resolve_hub(
         ) from e
     files = _list_model_folder(folder, repo_id)
     try:
-        needed, weights = select_files(
+        needed, weights = (select or select_files)(
             files, variant=variant, allow_pickle=allow_pickle, name=repo_id
         )
     except MissingComponentError as e:
