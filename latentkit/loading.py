@@ -163,12 +163,6 @@ class ModelFiles:
             raise
 
 
-def select_files(
-    files: Iterable[str], *, variant: str | None, allow_pickle: bool, name: str
-) -> tuple[list[str], dict[str, list[str]]]:
-    """Choose the files a pipeline needs from a repo listing.
-
-    Returns the list of every file to fetch and, per model component, its weight files.
 class Selector(Protocol):
     """Chooses the files to fetch from a repo listing: `select_files`'s signature."""
 
@@ -177,6 +171,12 @@ class Selector(Protocol):
     ) -> tuple[list[str], dict[str, list[str]]]: ...
 
 
+def select_files(
+    files: Iterable[str], *, variant: str | None, allow_pickle: bool, name: str
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Choose the files a pipeline needs from a repo listing.
+
+    Returns the list of every file to fetch and, per model component, its weight files.
     A variant's weights (``*.fp16.safetensors``) are preferred; a component without that
     variant falls back to its regular weights. Pickle weights are taken only when no
     safetensors exist and ``allow_pickle`` is set.
@@ -277,24 +277,24 @@ def resolve(
     token: str | bool | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    select: Selector | None = None,
 ) -> ModelFiles:
     """Find (and if needed download) the files of the model ``source``.
 
     ``source`` is a local folder in the diffusers layout or a Hub repo id (``owner/name``).
+    ``select`` chooses the files from the folder's or repo's listing: `select_files` (a
+    pipeline's) by default; a single model (a ControlNet: ``config.json`` and weights at the
+    root) passes its own.
     Every file the pipeline will read is checked here, before any model is built: it must
     lie inside the model's folder (after following symlinks), ``model_index.json`` and a
     depth estimator's configs must be JSON objects that fetch nothing from the network, and
     each safetensors header must describe its file exactly (`latentkit.readers`).
     """
     if not isinstance(source, (str, os.PathLike)):
-    select: Selector | None = None,
         raise InvalidArgumentError(
             f"model must be a Hub repo id or a folder path, not {type(source).__name__}"
         )
     name = os.fspath(source)
-    ``select`` chooses the files from the folder's or repo's listing: `select_files` (a
-    pipeline's) by default; a single model (a ControlNet: ``config.json`` and weights at the
-    root) passes its own.
     if not isinstance(name, str) or "\0" in name or not name.strip():
         raise InvalidArgumentError(f"model must be a Hub repo id or a folder path, got {name!r}")
     check_revision(revision)
@@ -332,6 +332,7 @@ def resolve(
         token=token,
         allow_pickle=allow_pickle,
         progress=progress,
+        select=select,
     )
 
 
@@ -342,11 +343,14 @@ def _resolve_hub(
     variant: str | None,
     cache_dir: str | os.PathLike[str] | None,
     local_files_only: bool,
-        select=select,
     token: str | bool | None,
     allow_pickle: bool,
     progress: bool,
+    select: Selector | None = None,
 ) -> ModelFiles:
+    """A Hub repo's files (downloaded, or from the cache when offline), chosen from its
+    listing by ``select`` (default `select_files`: a pipeline's; a single model such as a
+    ControlNet passes its own)."""
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -356,11 +360,7 @@ def _resolve_hub(
         RevisionNotFoundError,
     )
 
-    select: Selector | None = None,
     offline = local_files_only or constants.HF_HUB_OFFLINE
-    """A Hub repo's files (downloaded, or from the cache when offline), chosen from its
-    listing by ``select`` (default `select_files`: a pipeline's; a single model such as a
-    ControlNet passes its own)."""
     reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "local_files_only=True"
     if not offline:
         try:
