@@ -108,11 +108,10 @@ def test_sd1_images_with_a_lora_match_diffusers_and_the_base_is_untouched(
     source = peft_lora(reference, tmp_path)
     pipe = latentkit.load_pipeline(sd1_path, device="cpu", dtype="fp32", progress=False)
     base_before = images(pipe)
-    lora = load_lora(source, modules=networks_of(pipe))
     reference.load_lora_weights(str(source))
     expected = reference_images(reference)
     for fuse in (False, True):
-        adapted = with_networks(pipe, apply_lora(networks_of(pipe), lora, fuse=fuse))
+        adapted = pipe.with_lora(source, fuse=fuse)
         got = images(adapted)
         assert np.abs(got - base_before).max() > 0.01  # the LoRA shows in the image
         assert np.abs(got - expected).max() <= TOL, fuse
@@ -137,6 +136,33 @@ def test_sdxl_images_with_a_lora_match_diffusers(
     reference.set_adapters(["default_0"], adapter_weights=[scale])
     expected = reference_images(reference)
     pipe = latentkit.load_pipeline(sdxl_path, device="cpu", dtype="fp32", progress=False)
-    lora = load_lora(source, modules=networks_of(pipe))
-    adapted = with_networks(pipe, apply_lora(networks_of(pipe), lora, scale=scale))
+    adapted = pipe.with_lora(source, scale=scale)
     assert np.abs(images(adapted) - expected).max() <= TOL
+    assert adapted.adapters[0].kind == "lora" and adapted.adapters[0].scale == scale
+    assert len(adapted.adapters[0].hash) == 12
+
+
+def test_with_lora_chains_and_equals_applying_both(sd1_path: Path, tmp_path: Path) -> None:
+    import diffusers as _diffusers
+
+    diffusers: Any = _diffusers
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(
+        str(sd1_path), safety_checker=None
+    )
+    first = peft_lora(reference, tmp_path / "a")
+    second = peft_lora(reference, tmp_path / "b")
+    pipe = latentkit.load_pipeline(sd1_path, device="cpu", dtype="fp32", progress=False)
+    chained = pipe.with_lora(first, scale=0.8).with_lora(second, scale=0.5)
+    both = with_networks(
+        pipe,
+        apply_lora(
+            networks_of(pipe),
+            [
+                load_lora(first, modules=networks_of(pipe)),
+                load_lora(second, modules=networks_of(pipe)),
+            ],
+            scale=[0.8, 0.5],
+        ),
+    )
+    assert np.abs(images(chained) - images(both)).max() <= 1e-6
+    assert [a.scale for a in chained.adapters] == [0.8, 0.5]

@@ -6,7 +6,6 @@ multi-vector), and the base's images stay bit-identical. The pipeline copy stand
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ import torch
 from safetensors.torch import save_file
 
 import latentkit
-from latentkit.adapters.textual_inversion import load_textual_inversion
-from latentkit.conditioners.text import TextConditioner
 
 TOL = 1e-4  # max abs difference on fp32 CPU images in [0, 1]
 SIZE = 32
@@ -58,16 +55,8 @@ def test_sd1_images_with_an_embedding_match_diffusers(
     )
     pipe = latentkit.load_pipeline(sd1_path, device="cpu", dtype="fp32", progress=False)
     base_before = images(pipe, prompt)
-    (text,) = pipe.text
-    pairs = load_textual_inversion(
-        tmp_path, encoders={"text_encoder": (text.tokenizer, text.text_encoder)}
-    )
-    pair = pairs["text_encoder"]
-    assert pair is not None
-    tokenizer, encoder = pair
-    adapted = dataclasses.replace(
-        pipe, text=(TextConditioner(tokenizer=tokenizer, text_encoder=encoder),)
-    )
+    adapted = pipe.with_embedding(tmp_path)
+    assert adapted.adapters[-1].kind == "embedding"
     got = images(adapted, prompt)
     assert np.abs(got - base_before).max() > 0.01  # the embedding shows in the image
     assert np.abs(got - expected).max() <= TOL

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -41,7 +43,7 @@ from latentkit.performance import Performance, Runtime
 from latentkit.pipelines.family import Family
 from latentkit.pipelines.sd import StableDiffusionFamily
 from latentkit.protocols import Generators, Scheduler, Seeds
-from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int, limits
+from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int, is_real, limits
 from latentkit.results import GenerationParameters, GenerationResult, to_output
 from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
 from latentkit.tiles import map_tiles
@@ -60,6 +62,28 @@ DEFAULT_STEPS = 50
 
 TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 """The text encoders a model folder may have, in the order their states are concatenated."""
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """A LoRA or an embedding added to a pipeline, as the PNG metadata names it."""
+
+    kind: Literal["lora", "embedding"]
+    path: Path
+    scale: float | None = None
+    token: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The file's name without its ending (A1111 names LoRAs and embeddings so)."""
+        return self.token or self.path.stem
+
+    @functools.cached_property
+    def hash(self) -> str:
+        """The first 12 hex digits of the file's sha256 (A1111's short hash)."""
+        from latentkit.checkpoints.single_file import file_hash
+
+        return file_hash(self.path)[:12]
 
 
 @dataclass(frozen=True)
@@ -219,6 +243,9 @@ class LatentDiffusion:
     defaults: dict[str, float] = dataclasses.field(default_factory=dict)
     """The model's recommended ``steps`` / ``guidance_scale`` (``_latentkit_defaults`` in
     ``model_index.json``), used when `generate` is not given them."""
+    adapters: tuple[AdapterRecord, ...] = ()
+    """LoRAs and embeddings added with `with_lora` / `with_embedding`, in order (for the
+    PNG's ``Lora hashes`` / ``TI hashes``)."""
     controls: tuple[ControlNetConditioner, ...] = ()
     """ControlNets attached with `with_controlnet`, in order; their residuals are summed."""
     component_configs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
@@ -351,6 +378,116 @@ class LatentDiffusion:
             defaults=check_generation_defaults(model_index.get(DEFAULTS_KEY, {})),
             component_configs={c: parts.configs[c] for c in family.extra_configs},
         )
+
+    def with_lora(
+        self,
+        source: str | os.PathLike[str],
+        /,
+        *,
+        scale: float = 1.0,
+        fuse: bool = False,
+        weight_name: str | None = None,
+        allow_pickle: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> LatentDiffusion:
+        """This pipeline with a LoRA (a file, a folder or a Hub repo; kohya/A1111 or
+        diffusers/PEFT keys): ``W + scale · alpha/rank · up · down`` on the layers it names.
+
+        The new pipeline shares every unchanged weight with this one, which stays as it was
+        (its images bit-identical); chaining stacks LoRAs. Unfused (default), adapted layers
+        add a low-rank side path and no weight is copied; ``fuse=True`` adds the change into
+        a private copy of each adapted weight (faster per step, see docs/lora.md).
+        """
+        from latentkit.adapters.common import find_adapter_file
+        from latentkit.adapters.lora import DEFAULT_WEIGHT_NAMES, apply_lora, load_lora
+
+        if not is_real(scale) or not isinstance(fuse, bool):
+            raise InvalidArgumentError(
+                f"scale must be a finite number and fuse a bool, got {scale!r}, {fuse!r}"
+            )
+        path = find_adapter_file(
+            source,
+            weight_name=weight_name,
+            default_names=DEFAULT_WEIGHT_NAMES,
+            allow_pickle=allow_pickle,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        modules: dict[str, torch.nn.Module | None] = {
+            "unet": self.unet,
+            **{t.component: t.text_encoder for t in self.text},
+        }
+        lora = load_lora(path, modules=modules, allow_pickle=allow_pickle)
+        adapted = apply_lora(modules, lora, scale=scale, fuse=fuse)
+        unet = adapted["unet"]
+        assert isinstance(unet, type(self.unet))
+        text = tuple(
+            t
+            if adapted[t.component] is t.text_encoder
+            else TextConditioner(
+                tokenizer=t.tokenizer, text_encoder=adapted[t.component], component=t.component
+            )
+            for t in self.text
+        )
+        # A runtime of its own: the base's holds the base UNet (compiled or captured).
+        runtime = Runtime(self.performance, self.device)
+        runtime.prepare(unet, self.vae)
+        record = AdapterRecord("lora", path, scale=float(scale))
+        return dataclasses.replace(
+            self, unet=unet, text=text, runtime=runtime, adapters=(*self.adapters, record)
+        )
+
+    def with_embedding(
+        self,
+        source: str | os.PathLike[str],
+        /,
+        *,
+        token: str | None = None,
+        weight_name: str | None = None,
+        allow_pickle: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool = False,
+        hub_token: str | bool | None = None,
+    ) -> LatentDiffusion:
+        """This pipeline with a textual-inversion embedding (A1111 ``.pt``/``.safetensors``,
+        diffusers' ``learned_embeds.safetensors``, SDXL ``clip_l``/``clip_g`` files) under
+        ``token`` (default: the file's own, else its name). A multi-vector embedding expands
+        the token to as many tokens, as diffusers does. This pipeline is unchanged."""
+        from latentkit.adapters.common import find_adapter_file
+        from latentkit.adapters.textual_inversion import (
+            DEFAULT_WEIGHT_NAMES,
+            PICKLE_WEIGHT_NAMES,
+            load_textual_inversion,
+        )
+
+        path = find_adapter_file(
+            source,
+            weight_name=weight_name,
+            default_names=DEFAULT_WEIGHT_NAMES + (PICKLE_WEIGHT_NAMES if allow_pickle else ()),
+            allow_pickle=allow_pickle,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=hub_token,
+        )
+        pairs = load_textual_inversion(
+            path,
+            encoders={t.component: (t.tokenizer, t.text_encoder) for t in self.text},
+            token=token,
+            allow_pickle=allow_pickle,
+        )
+        text = []
+        for t in self.text:
+            pair = pairs.get(t.component)
+            text.append(
+                t
+                if pair is None
+                else TextConditioner(tokenizer=pair[0], text_encoder=pair[1], component=t.component)
+            )
+        record = AdapterRecord("embedding", path, token=token)
+        return dataclasses.replace(self, text=tuple(text), adapters=(*self.adapters, record))
 
     def with_scheduler(self, scheduler: str | Scheduler, /, **options: Any) -> LatentDiffusion:
         """This pipeline with another scheduler (a name, an alias or a scheduler object).
