@@ -71,7 +71,12 @@ CONFIG_FILES = {
     "text_encoder": "text_encoder/config.json",
     "text_encoder_2": "text_encoder_2/config.json",
     "scheduler": "scheduler/scheduler_config.json",
+    "low_res_scheduler": "low_res_scheduler/scheduler_config.json",
 }
+OPTIONAL_CONFIGS = frozenset({"low_res_scheduler"})
+"""Config-only components fetched when the repo has them: the x4 upscaler's
+``low_res_scheduler`` (the DDPM schedule that noises its low-resolution input); the family
+that needs one refuses a folder without it (`MissingComponentError`)."""
 TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 """Text encoder components and their tokenizers' folders (SDXL has both; its refiner and
 SD 1.x/2.x one of them)."""
@@ -84,6 +89,7 @@ _CONFIG_KINDS: dict[str, ConfigKind] = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder",
     "scheduler": "scheduler",
+    "low_res_scheduler": "scheduler",
 }
 
 
@@ -191,7 +197,11 @@ def select_files(
     encoders = [e for e in TEXT_ENCODERS if CONFIG_FILES[e] in available]
     if not encoders:
         raise MissingComponentError(f"{name}: missing text_encoder/config.json")
-    configs = [f for c, f in CONFIG_FILES.items() if c not in TEXT_ENCODERS or c in encoders]
+    configs = [
+        f
+        for c, f in CONFIG_FILES.items()
+        if (c in encoders if c in TEXT_ENCODERS else c not in OPTIONAL_CONFIGS or f in available)
+    ]
     needed = ["model_index.json", *configs]
     for encoder in encoders:
         folder = TEXT_ENCODERS[encoder] + "/"

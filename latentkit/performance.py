@@ -92,6 +92,12 @@ class Performance:
     vae_tiling: bool | Tiling = False
     """Decode (and encode) large images tile by tile with blended seams, so a 2048x2048
     image needs the memory of a 512x512 one. ``True`` uses `Tiling()` defaults."""
+    unet_tiling: bool | Tiling = False
+    """Run the UNet on overlapping latent tiles whose predictions are blended at every
+    evaluation (`latentkit.tiles`, MultiDiffusion), so its memory is that of one tile: the
+    x4 upscaler's 512x512 -> 2048x2048 in the memory of 128x128 -> 512x512. A `Tiling`'s
+    ``tile_size`` is in output pixels (None: the UNet's ``sample_size``); ``True`` uses
+    `Tiling()` defaults. The images differ slightly from untiled ones (docs/upscaling.md)."""
     cpu_offload: bool = False
     """Keep the networks in CPU memory and move each to the accelerator only while it runs
     (text encoder, then UNet, then autoencoder): peak accelerator memory is the largest
@@ -123,17 +129,20 @@ class Performance:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True, False or None (automatic)")
 
-    def tiling(self) -> Tiling | None:
-        """The autoencoder tiling to use, or None."""
+    def tiling(self, network: str = "vae") -> Tiling | None:
+        """The tiling of ``network`` (``"vae"``: `vae_tiling`, ``"unet"``: `unet_tiling`),
+        or None."""
         from latentkit.models.autoencoder import Tiling
 
-        if self.vae_tiling is True:
+        name = f"{network}_tiling"
+        value = getattr(self, name)
+        if value is True:
             return Tiling()
-        if self.vae_tiling is False:
+        if value is False:
             return None
-        if not isinstance(self.vae_tiling, Tiling):
-            raise InvalidArgumentError("vae_tiling must be a bool or a latentkit Tiling")
-        return self.vae_tiling
+        if not isinstance(value, Tiling):
+            raise InvalidArgumentError(f"{name} must be a bool or a latentkit Tiling")
+        return value
 
 
 def autocast_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -157,6 +166,7 @@ class Runtime:
         self.performance = performance
         self.device = device
         self.tiling = performance.tiling()
+        self.unet_tiling = performance.tiling("unet")
         self._unet_call: UNetCall | None = None
         # cpu_offload moves shared modules: one generate() at a time.
         self._lock = threading.Lock() if performance.cpu_offload else None

@@ -134,6 +134,12 @@ class Request:
     strength: float | None = None
     """How much of the schedule runs with ``image``, in [0, 1]; default: the family's
     (0.8 SD image-to-image, 0.3 SDXL image-to-image), 1.0 for inpainting."""
+    outpaint: tuple[int, int, int, int] | None = None
+    """Outpainting: extend ``image``'s canvas by ``(left, top, right, bottom)`` pixels
+    (multiples of the autoencoder's factor, 8) and generate the new area so it continues the
+    picture; the output is the larger canvas, with the picture's pixels unchanged outside a
+    seam of 8 pixels (`latentkit.outpainting`). Inpainting models fill it with their extra
+    channels, any other model by blending."""
     depth_map: ImageInput | None = None
     """Depth-to-image models: the depth to follow (grey image, array or tensor (H, W))."""
     control_image: ImageInput | Sequence[ImageInput] | None = None
@@ -177,6 +183,10 @@ class Request:
     """SDXL refiner micro-conditioning: the aesthetic score to imitate (LAION scale)."""
     negative_aesthetic_score: float = 2.5
     """SDXL refiner: the aesthetic score of the unconditional branch."""
+    noise_level: int = 20
+    """x4 upscaler: how much noise (a step of its low-resolution DDPM schedule, 0 to the
+    model's ``max_noise_level``, 350) is added to the input before the UNet reads it; more
+    lets the model invent more detail and follow the input less."""
 
     def __post_init__(self) -> None:
         _check_prompts("prompt", self.prompt)
@@ -206,6 +216,10 @@ class Request:
             )
         _number_in("aesthetic_score", self.aesthetic_score, -1e3, 1e3)
         _number_in("negative_aesthetic_score", self.negative_aesthetic_score, -1e3, 1e3)
+        _int_at_least("noise_level", self.noise_level, 0)
+        _check_outpaint(self.outpaint)
+        if self.outpaint is not None:
+            object.__setattr__(self, "outpaint", tuple(self.outpaint))
         for name in ("height", "width"):
             _int_at_least(name, getattr(self, name), 1, optional=True)
         for name in (
@@ -263,9 +277,16 @@ class Request:
             raise InvalidArgumentError("prompt_2 goes with prompt, not with prompt_embeds")
         self._check_control()
         if self.image is None:
-            for name in ("mask_image", "strength", "denoising_start"):
+            for name in ("mask_image", "strength", "denoising_start", "outpaint"):
                 if getattr(self, name) is not None:
                     raise InvalidArgumentError(f"{name} needs image= (the picture to start from)")
+        if self.outpaint is not None:
+            for name in ("mask_image", "height", "width"):
+                if getattr(self, name) is not None:
+                    raise InvalidArgumentError(
+                        f"{name} does not go with outpaint: the margins are the repainted area "
+                        "and the canvas is the image plus the margins"
+                    )
 
     def _check_control(self) -> None:
         """The ``control_*`` keywords' types and ranges (their count against the attached
@@ -419,6 +440,22 @@ def _check_pair(name: str, value: object, *, low: int) -> None:
         )
 
 
+def _check_outpaint(value: object) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != 4
+        or not all(is_int(v) and 0 <= v <= 2**20 for v in value)
+        or not any(value)
+    ):
+        raise InvalidArgumentError(
+            "outpaint must be four ints (left, top, right, bottom) in [0, 2**20], not all 0; "
+            f"got {value!r}"
+        )
+
+
 def _check_prompts(name: str, value: object) -> None:
     if value is None or isinstance(value, str):
         return
@@ -455,10 +492,12 @@ FAMILY_OPTIONS = frozenset(
         "negative_crops_coords_top_left",
         "aesthetic_score",
         "negative_aesthetic_score",
+        "noise_level",
     }
 )
 """Keywords only some families take (SDXL's second prompt, pooled embeddings and
-micro-conditioning); a family lists those it accepts in ``Family.options``."""
+micro-conditioning, the x4 upscaler's ``noise_level``); a family lists those it accepts in
+``Family.options``."""
 
 
 # Read once at import: the environment can raise the limits without code changes.

@@ -36,6 +36,11 @@ def depth_path(models_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def upscale_path(models_root: Path) -> Path:
+    return tiny_models.save_pipeline("upscale", models_root)
+
+
+@pytest.fixture(scope="session")
 def sdxl_path(models_root: Path) -> Path:
     return tiny_models.save_pipeline("sdxl", models_root)
 

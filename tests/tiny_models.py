@@ -174,9 +174,12 @@ def depth_estimator() -> tuple[Any, Any]:
 
 def build_pipeline(kind: str) -> Any:
     """A diffusers pipeline with random tiny weights: ``"sd1"``, ``"sd2"``, ``"inpaint"``,
-    ``"depth"``, or one of `SDXL_KINDS` (see `build_sdxl_pipeline`)."""
+    ``"depth"``, ``"upscale"`` (see `build_upscale_pipeline`), or one of `SDXL_KINDS` (see
+    `build_sdxl_pipeline`)."""
     if kind in SDXL_KINDS:
         return build_sdxl_pipeline(kind)
+    if kind == "upscale":
+        return build_upscale_pipeline()
     import tempfile
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -426,6 +429,103 @@ def build_sdxl_pipeline(kind: str) -> Any:
         )
     return StableDiffusionXLInpaintPipeline(
         **parts, requires_aesthetics_score=False, force_zeros_for_empty_prompt=True
+    )
+
+
+# ---------------------------------------------------------------- x4 upscaler
+
+# stabilityai/stable-diffusion-x4-upscaler's schedulers: DDIM with v-prediction for sampling,
+# DDPM (epsilon) for noising the low-resolution input.
+UPSCALE_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+UPSCALE_LOW_RES_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "variance_type": "fixed_small",
+}
+
+
+def upscale_unet_kwargs() -> dict[str, Any]:
+    """An x4-upscaler-shaped UNet, tiny: 7 input channels (latents and the noised low-res
+    picture), no attention at the first level, only cross-attention (no self-attention) at the
+    high-resolution levels with attention, linear projections, and a class embedding of the
+    noise level (``num_class_embeds`` 1000, ``class_embed_type`` None) as in the real one."""
+    return dict(
+        sample_size=8,
+        in_channels=7,
+        out_channels=4,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        only_cross_attention=(True, True, False),
+        num_class_embeds=1000,
+        norm_num_groups=8,
+    )
+
+
+def build_upscale_pipeline() -> Any:
+    """diffusers' ``StableDiffusionUpscalePipeline`` with random tiny weights: the UNet of
+    `upscale_unet_kwargs`, a 3-level VAE (factor 4) with the x4 scaling factor 0.08333, an
+    SD 2-style text encoder (gelu, pad "!"), the x4 schedulers, ``max_noise_level`` 350."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tokenizer(Path(tmp), pad_token="!")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**upscale_unet_kwargs())
+    text_encoder = _text_encoder(32, vocab_size, act="gelu")
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.08333,
+    )
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(5.0)  # random weights: images that are not all grey
+        # The noise level must matter: make its embedding as large as the time embedding's.
+        unet.class_embedding.weight.mul_(5.0)
+    return StableDiffusionUpscalePipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        low_res_scheduler=DDPMScheduler.from_config(UPSCALE_LOW_RES_SCHEDULER),
+        scheduler=DDIMScheduler.from_config(UPSCALE_SCHEDULER),
+        max_noise_level=350,
     )
 
 

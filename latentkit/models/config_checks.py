@@ -184,10 +184,11 @@ RULES: Mapping[ConfigKind, Mapping[str, Rule]] = {
         "num_class_embeds": integer(1, MAX_TRAIN_TIMESTEPS, optional=True),
         "only_cross_attention": Rule(
             f"true, false, or a list of 1 to {MAX_BLOCKS} of them (one per block)",
-            lambda v: isinstance(v, bool)
-            or (_list(v) and 0 < len(v) <= MAX_BLOCKS and all(isinstance(b, bool) for b in v)),
+            lambda v: (
+                isinstance(v, bool)
+                or (_list(v) and 0 < len(v) <= MAX_BLOCKS and all(isinstance(b, bool) for b in v))
+            ),
         ),
-        "mid_block_only_cross_attention": boolean(),
     },
     "vae": {
         "in_channels": _CHANNELS,

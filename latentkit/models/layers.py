@@ -370,20 +370,27 @@ class TransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention to the text, and feed-forward, each residual.
 
     The conditioning mechanism of latent diffusion (Rombach et al. 2022, sec. 3.3): queries come
-    from the image tokens, keys and values from the text encoder's output ``context``.
+    from the image tokens, keys and values from the text encoder's output ``context``. With
+    ``only_cross``, the first attention attends to the text too instead of to the image
+    (diffusers' ``only_cross_attention``; the x4 upscaler's high-resolution levels).
     """
 
-    def __init__(self, dim: int, *, heads: int, head_dim: int, context_dim: int) -> None:
+    def __init__(
+        self, dim: int, *, heads: int, head_dim: int, context_dim: int, only_cross: bool = False
+    ) -> None:
         super().__init__()
+        self.only_cross = only_cross
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim)
+        self.attn1 = Attention(
+            dim, heads=heads, head_dim=head_dim, context_dim=context_dim if only_cross else None
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads=heads, head_dim=head_dim, context_dim=context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = self.attn1(self.norm1(x)) + x
+        x = self.attn1(self.norm1(x), context if self.only_cross else None) + x
         x = self.attn2(self.norm2(x), context) + x
         out: Tensor = self.ff(self.norm3(x)) + x
         return out
@@ -407,6 +414,7 @@ class SpatialTransformer(nn.Module):
         depth: int,
         groups: int,
         linear_projection: bool,
+        only_cross: bool = False,
     ) -> None:
         super().__init__()
         inner = heads * head_dim
@@ -420,7 +428,13 @@ class SpatialTransformer(nn.Module):
             self.proj_in = Conv2d(channels, inner, kernel_size=1)
             self.proj_out = Conv2d(inner, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(inner, heads=heads, head_dim=head_dim, context_dim=context_dim)
+            TransformerBlock(
+                inner,
+                heads=heads,
+                head_dim=head_dim,
+                context_dim=context_dim,
+                only_cross=only_cross,
+            )
             for _ in range(depth)
         )
 

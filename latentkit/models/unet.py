@@ -186,10 +186,9 @@ class UNetConfig:
     only_cross_attention: bool | tuple[bool, ...] = False
     """Per down block (one value for all): its transformers' first attention attends to the
     text instead of the image (the up blocks take the values reversed). The x4 upscaler
-    sets it for its three high-resolution levels, where self-attention would be costly."""
-    mid_block_only_cross_attention: bool = False
-    """`only_cross_attention` for the middle block (diffusers: the single value when
-    ``only_cross_attention`` is one bool, else false)."""
+    sets it for its three high-resolution levels, where self-attention would be costly.
+    The middle block always self-attends (diffusers' ``UNetMidBlock2DCrossAttn`` ignores
+    ``mid_block_only_cross_attention``)."""
 
     def __post_init__(self) -> None:
         blocks = len(self.block_out_channels)
@@ -271,10 +270,7 @@ class UNetConfig:
             value = d.get(key)
             return None if value is None or addition is None else int(value)
 
-        # diffusers: a single flag also sets the middle block's unless that is given; a list
-        # leaves the middle block's at its own value (default false).
         cross_only = d.get("only_cross_attention", False)
-        mid_cross_only = d.get("mid_block_only_cross_attention")
         if isinstance(cross_only, (list, tuple)):
             if len(cross_only) != len(down):
                 raise InvalidArgumentError(
@@ -282,10 +278,8 @@ class UNetConfig:
                     f"down_block_types has {len(down)}"
                 )
             cross_only = tuple(bool(v) for v in cross_only)
-            mid_cross_only = bool(mid_cross_only)
         else:
             cross_only = bool(cross_only)
-            mid_cross_only = cross_only if mid_cross_only is None else bool(mid_cross_only)
         classes = d.get("num_class_embeds")
 
         return cls(
@@ -321,7 +315,6 @@ class UNetConfig:
             ),
             num_class_embeds=None if classes is None else int(classes),
             only_cross_attention=cross_only,
-            mid_block_only_cross_attention=mid_cross_only,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,7 +353,6 @@ class UNetConfig:
             "only_cross_attention": list(self.only_cross_attention)
             if isinstance(self.only_cross_attention, tuple)
             else self.only_cross_attention,
-            "mid_block_only_cross_attention": self.mid_block_only_cross_attention,
         }
 
 
@@ -493,7 +485,7 @@ class UNetEncoder(nn.Module):
                 c_mid,
                 config.num_attention_heads[-1],
                 depths[-1],
-                config.mid_block_only_cross_attention,
+                False,  # diffusers' UNetMidBlock2DCrossAttn always self-attends
             ),
         )
 

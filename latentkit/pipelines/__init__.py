@@ -61,7 +61,17 @@ def detect(
     return fitting[0]
 
 
-from latentkit.pipelines import sd, sdxl  # noqa: E402  (registers the built-in families)
+from latentkit.pipelines import sd, sdxl, upscale  # noqa: E402  (registers the built-in families)
 from latentkit.pipelines.base import LatentDiffusion  # noqa: E402
 
-__all__ = ["Family", "LatentDiffusion", "detect", "names", "register", "registry", "sd", "sdxl"]
+__all__ = [
+    "Family",
+    "LatentDiffusion",
+    "detect",
+    "names",
+    "register",
+    "registry",
+    "sd",
+    "sdxl",
+    "upscale",
+]

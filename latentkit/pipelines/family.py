@@ -1,7 +1,7 @@
 """What a model family declares: the part of a pipeline that is not the shared loop.
 
-A family (Stable Diffusion 1.x/2.x, SDXL, a third party's) is a small class of class
-attributes and at most three hooks. `latentkit.pipelines.base.LatentDiffusion` runs every
+A family (Stable Diffusion 1.x/2.x, SDXL, the x4 upscaler, a third party's) is a small class
+of class attributes and a few hooks, each with a default that does nothing. `latentkit.pipelines.base.LatentDiffusion` runs every
 family with one loop: request checks, prompt encoding, guidance, image tasks, sampling,
 decoding. See docs/families.md for writing one.
 """
@@ -45,6 +45,16 @@ class Family:
     upcast_vae: ClassVar[bool] = False
     """Run the autoencoder in float32 when the pipeline is half precision and the VAE config
     says ``force_upcast`` (SDXL's VAE overflows in fp16)."""
+    steps: ClassVar[int] = 50
+    """Denoising steps when neither the caller nor the model says (diffusers' defaults: 50;
+    75 for the x4 upscaler)."""
+    image_conditions: ClassVar[bool] = False
+    """``image=`` is a condition the family reads in `concat` (the x4 upscaler's
+    low-resolution input), not a picture to start from: sampling starts from noise, the
+    output size is `size`'s, and ``strength``, ``mask_image``, ``outpaint`` are refused."""
+    extra_configs: ClassVar[tuple[str, ...]] = ()
+    """Config-only components the family reads (the upscaler's ``low_res_scheduler``),
+    loaded into ``LatentDiffusion.component_configs`` by name."""
 
     @classmethod
     def accepts(cls, unet_config: Mapping[str, Any]) -> bool:
@@ -56,6 +66,36 @@ class Family:
     def check(cls, pipe: LatentDiffusion, request: Request) -> None:
         """Refuse a request this family cannot honour, before any work (the shared checks
         have run)."""
+
+    @classmethod
+    def size(cls, pipe: LatentDiffusion, request: Request) -> tuple[int, int] | None:
+        """The output (height, width) in pixels when the family derives it from the request
+        (the upscaler: 4x its input); None: the loop's rule (``height``/``width``, the input
+        image's size, else the model's default)."""
+        return None
+
+    @classmethod
+    def concat(
+        cls,
+        pipe: LatentDiffusion,
+        request: Request,
+        *,
+        latent_size: tuple[int, int],
+        generator: torch.Generator | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """Extra UNet input channels (1, C, h, w) at ``latent_size`` (h, w) that the family
+        computes from the request, put after the latents (and after an inpainting or depth
+        model's channels); None for none. Called before the starting noise is drawn, with
+        the generator diffusers draws a single image's noise from."""
+        return None
+
+    @classmethod
+    def class_labels(cls, pipe: LatentDiffusion, request: Request) -> torch.Tensor | None:
+        """The class label (a (1,) int tensor) of a UNet with ``num_class_embeds``, the same
+        for every row of the batch (the upscaler: its noise level); None for a UNet without."""
+        return None
 
     @classmethod
     def vector(

@@ -24,4 +24,8 @@ class StableDiffusionFamily(Family):
 
     @classmethod
     def accepts(cls, unet_config: Mapping[str, Any]) -> bool:
-        return unet_config.get("addition_embed_type") is None
+        # Class labels (num_class_embeds) are the x4 upscaler's noise level: its family.
+        return (
+            unet_config.get("addition_embed_type") is None
+            and unet_config.get("num_class_embeds") is None
+        )

@@ -36,7 +36,7 @@ class StableDiffusionXLFamily(Family):
         "StableDiffusionXLImg2ImgPipeline",
         "StableDiffusionXLInpaintPipeline",
     )
-    options: ClassVar[frozenset[str]] = FAMILY_OPTIONS
+    options: ClassVar[frozenset[str]] = FAMILY_OPTIONS - {"noise_level"}
     text_layer: ClassVar[TextLayer] = "penultimate"
     guidance_scale: ClassVar[float] = 5.0
     img2img_strength: ClassVar[float] = 0.3
