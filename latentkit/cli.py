@@ -1,5 +1,5 @@
-"""The ``latentkit`` command: ``latentkit generate "prompt" -o out.png`` and
-``latentkit schedulers``.
+"""The ``latentkit`` command: ``latentkit generate "prompt" -o out.png``, ``latentkit upscale
+in.png -o out.png`` and ``latentkit schedulers``.
 
 The shapes model's evaluation is the lab's command (``latentkit-lab eval``), not the SDK's."""
 
@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--depth", type=Path, default=None, help="depth map image (depth-to-image models)"
+    )
+    gen.add_argument(
+        "--outpaint",
+        type=_margins,
+        default=None,
+        metavar="L,T,R,B",
+        help="extend --image by these pixels left, top, right, bottom (multiples of 8) and "
+        "generate the new area",
     )
     control = gen.add_argument_group("ControlNet (see docs/controlnet.md)")
     control.add_argument(
@@ -158,7 +166,100 @@ def _parser() -> argparse.ArgumentParser:
         "schedulers", help="list the registered schedulers, each with its A1111 sampler labels"
     )
     _batch_parser(sub)
+    _upscale_parser(sub)
     return parser
+
+
+def _margins(text: str) -> tuple[int, int, int, int]:
+    """``--outpaint L,T,R,B``: four non-negative ints (their multiples are the model's check)."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected four non-negative ints LEFT,TOP,RIGHT,BOTTOM such as 0,0,256,0; got {text!r}"
+        )
+    left, top, right, bottom = (int(p) for p in parts)
+    return left, top, right, bottom
+
+
+UPSCALE_MODEL = "stabilityai/stable-diffusion-x4-upscaler"
+
+
+def _upscale_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser(
+        "upscale",
+        help="upscale an image 4x with the x4 upscaler",
+        description="Upscale IN 4x (Stable Diffusion x4 upscaler, or another model of its "
+        "family), guided by an optional prompt; the PNG carries the parameters.",
+    )
+    up.add_argument("input", type=Path, metavar="IN", help="the picture to upscale")
+    up.add_argument(
+        "-o", "--output", type=Path, default=None, help="PNG path (default: IN's name + -x4.png)"
+    )
+    up.add_argument(
+        "--model", default=UPSCALE_MODEL, help=f"Hub repo id or local folder ({UPSCALE_MODEL})"
+    )
+    up.add_argument("--prompt", default="", help="what the picture shows (optional guidance)")
+    up.add_argument("--negative", default=None, help="negative prompt")
+    up.add_argument(
+        "--noise-level",
+        type=int,
+        default=20,
+        help="noise added to IN before upscaling, 0-350 (more: more invented detail)",
+    )
+    up.add_argument("--steps", type=int, default=None, help="default: the model's, else 75")
+    up.add_argument("--guidance", type=float, default=None, help="default: 9")
+    up.add_argument("--scheduler", default=None, help="default: the model's own")
+    up.add_argument("--seed", type=int, default=None, help="default: a fresh one")
+    up.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="upscale in overlapping tiles of PX output pixels (UNet and autoencoder), so "
+        "large inputs fit in memory; e.g. 512",
+    )
+    up.add_argument("--device", default="auto")
+    up.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    from latentkit import images
+    from latentkit.api import load_pipeline
+    from latentkit.errors import InvalidArgumentError
+    from latentkit.models.autoencoder import Tiling
+    from latentkit.performance import Performance
+    from latentkit.results import output_paths
+
+    output: Path = args.output or Path(f"{args.input.stem}-x4.png")
+    if output.suffix.lower() != ".png":
+        raise InvalidArgumentError(f"output must be a .png file, got {output}")
+    output_paths(output, 1, overwrite=args.overwrite)  # fail before loading
+    picture = images.open_image(args.input, "IN")
+    tiling = None if args.tile is None else Tiling(tile_size=args.tile)
+    performance = Performance(vae_tiling=tiling or False, unet_tiling=tiling or False)
+    pipe = load_pipeline(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        performance=performance,
+    )
+    result = pipe.generate(
+        args.prompt,
+        image=picture,
+        negative_prompt=args.negative,
+        noise_level=args.noise_level,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    for path in result.save(output, overwrite=args.overwrite):
+        print(path)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "batch":
             return _batch(args)
+        if args.command == "upscale":
+            return _upscale(args)
         return _generate(args)
     except LatentkitError as e:
         print(f"latentkit: error: {e}", file=sys.stderr)
@@ -199,6 +302,8 @@ def _generate(args: argparse.Namespace) -> int:
     output_paths(output, args.num_images, overwrite=args.overwrite)  # fail before loading
     if args.mask is not None and args.image is None:
         raise InvalidArgumentError("--mask needs --image (the picture to inpaint)")
+    if args.outpaint is not None and args.image is None:
+        raise InvalidArgumentError("--outpaint needs --image (the picture to extend)")
     # Read the inputs now: an unreadable file fails before the model loads.
     opened = {
         what: None if path is None else images.open_image(path, what)
@@ -242,6 +347,7 @@ def _generate(args: argparse.Namespace) -> int:
         mask_image=opened["--mask"],
         strength=args.strength,
         depth_map=opened["--depth"],
+        outpaint=args.outpaint,
         clip_skip=args.clip_skip,
         **control,
     )

@@ -223,3 +223,24 @@ def test_canvas_over_the_pixel_limit_is_refused_before_allocation(pipes: dict[st
     _, pipe = pipes["sd1"]
     with pytest.raises(latentkit.InvalidArgumentError, match="exceeds the limit"):
         pipe.generate("a cat", image=picture(), outpaint=(2**20, 0, 0, 2**20), progress=False)
+
+
+def test_cli_outpaint(sd1_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from latentkit import cli
+
+    Image.fromarray(picture(4)).save(tmp_path / "in.png")
+    out = tmp_path / "wide.png"
+    argv = ["generate", "a cat", "-o", str(out), "--model", str(sd1_path), "--image"]
+    argv += [str(tmp_path / "in.png"), "--outpaint", "8,0,16,0", "--steps", "2", "--seed", "1"]
+    assert cli.main([*argv, "-q", "--device", "cpu"]) == 0
+    with Image.open(out) as image:
+        assert image.size == (W + 24, H)
+        kept_pixels = np.asarray(image)[:, 8 : 8 + W][kept((8, 0, 16, 0))]
+    assert np.array_equal(kept_pixels, picture(4)[kept((8, 0, 16, 0))])
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "a cat", "--outpaint", "8,0,16"])
+    assert "LEFT,TOP,RIGHT,BOTTOM" in capsys.readouterr().err
+    assert (
+        cli.main(["generate", "a cat", "--outpaint", "8,0,0,0", "-o", str(tmp_path / "x.png")]) == 2
+    )
+    assert "--outpaint needs --image" in capsys.readouterr().err

@@ -344,3 +344,40 @@ def test_tiled_unet_runs_on_tiles_only_and_stays_close(
     # far less than another seed's image does (0.14): a misplaced window would not.
     another_seed = ours(plain, 3, **kw)
     assert 1e-3 < np.abs(a - b).mean() < 0.25 * np.abs(another_seed - b).mean()
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_upscale(
+    upscale_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from latentkit import cli
+
+    low_res(8).save(tmp_path / "in.png")
+    out = tmp_path / "big.png"
+    argv = ["upscale", str(tmp_path / "in.png"), "-o", str(out), "--model", str(upscale_path)]
+    argv += ["--steps", "2", "--seed", "3", "--noise-level", "40", "--prompt", "a cat", "-q"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    with Image.open(out) as image:
+        assert image.size == (LOW[1] * 4, LOW[0] * 4)
+        assert "Steps: 2" in image.text["parameters"]
+    expected = ours(
+        latentkit.load_pipeline(upscale_path, device="cpu", progress=False),
+        3,
+        prompt="a cat",
+        image=low_res(8),
+        steps=2,
+        noise_level=40,
+    )
+    with Image.open(out) as image:
+        assert np.abs(np.asarray(image) / 255.0 - expected[0]).max() <= 1 / 255 + 1e-6
+    # Tiled, into the default name in the current folder; a bad level is a clean error.
+    tiled = ["upscale", str(tmp_path / "in.png"), "--model", str(upscale_path), "--tile", "32"]
+    assert (
+        cli.main([*tiled, "--steps", "1", "-q", "--device", "cpu", "-o", str(tmp_path / "t.png")])
+        == 0
+    )
+    assert cli.main([*argv, "--overwrite", "--noise-level", "999"]) == 2
+    assert "noise_level must be at most 350" in capsys.readouterr().err
