@@ -128,7 +128,7 @@ SAFETENSORS_ATTACKS: dict[str, tuple[Callable[[bytes], bytes], type[LatentkitErr
 
 
 def garble_header(raw: bytes) -> bytes:
-    (length,) = struct.unpack("<Q", raw[:8])
+    length: int = struct.unpack("<Q", raw[:8])[0]
     return raw[:8] + b"{" + b"x" * (length - 1) + raw[8 + length :]
 
 
@@ -260,12 +260,13 @@ def test_config_checks_also_guard_from_dict() -> None:
     from latentkit.models.text_encoder import CLIPTextConfig
     from latentkit.models.unet import UNetConfig
 
-    for parse, bad in [
+    parsers: list[tuple[Callable[[dict[str, Any]], object], dict[str, Any]]] = [
         (UNetConfig.from_dict, {"block_out_channels": [0]}),
         (AutoencoderKLConfig.from_dict, {"scaling_factor": 0.0}),
         (CLIPTextConfig.from_dict, {"num_attention_heads": 0}),
-    ]:
-        attack(lambda parse=parse, bad=bad: parse(bad), error=InvalidConfigError, names=["config"])
+    ]
+    for parse, bad in parsers:
+        attack(lambda: parse(bad), error=InvalidConfigError, names=["config"])  # noqa: B023
     with pytest.raises(InvalidConfigError, match="must be a JSON object"):
         check_config("unet", [1, 2])
 
@@ -463,7 +464,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-SPECIAL = st.sampled_from(
+SPECIAL: st.SearchStrategy[Any] = st.sampled_from(
     [
         *(0, -1, 1, 3, 2**31, 2**63, 10**30, -(2**70)),
         *(0.0, -0.0, 1e-300, 1e300, 0.5, -1e-5, float("nan"), float("inf"), float("-inf")),

@@ -132,7 +132,7 @@ def test_revisions_never_reach_outside_the_cache(
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    seen: list[str] = []
+    seen: list[str | None] = []
     real = huggingface_hub.snapshot_download
 
     def spy(*a: Any, **k: Any) -> Any:

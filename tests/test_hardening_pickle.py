@@ -25,7 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from latentkit.errors import CorruptFileError, PickleWeightsError, WeightMismatchError
+from latentkit.errors import (
+    CorruptFileError,
+    LatentkitError,
+    PickleWeightsError,
+    WeightMismatchError,
+)
 
 UNET_BIN = "unet/diffusion_pytorch_model.bin"
 
@@ -109,7 +114,7 @@ def _saved(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-BROKEN: dict[str, tuple[Callable[[bytes], bytes], type[Exception], str]] = {
+BROKEN: dict[str, tuple[Callable[[bytes], bytes], type[LatentkitError], str]] = {
     "empty": (lambda raw: b"", CorruptFileError, "zip checkpoint"),
     "truncated": (lambda raw: raw[: len(raw) // 2], CorruptFileError, "checkpoint"),
     "legacy format": (lambda raw: _legacy({"w": torch.zeros(2)}), CorruptFileError, "1.6"),
