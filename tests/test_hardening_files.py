@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from hardening import attack, copy_model, load, load_then_generate
+from hardening import Timeout, attack, copy_model, load, load_then_generate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -427,8 +427,18 @@ def test_a_fifo_or_a_huge_file_is_refused_not_read(model: Path) -> None:
 
     config = model / "unet" / "config.json"
     config.unlink()
-    os.mkfifo(config)  # reading it would block forever
-    attack(lambda: load(model), error=MissingComponentError, names=["unet/config.json"], seconds=5)
+    os.mkfifo(config)  # reading it would block forever: Timeout fails instead of hanging
+    Timeout(10).run(
+        lambda: attack(lambda: load(model), error=MissingComponentError, names=["unet/config.json"])
+    )
+    # Read directly (not through the listing, which skips it): refused, not waited on.
+    from latentkit.readers import read_json_object
+
+    Timeout(10).run(
+        lambda: attack(
+            lambda: read_json_object(config), error=CorruptFileError, names=["not a regular file"]
+        )
+    )
     config.unlink()
     config.write_text(" " * 2**21 + "{}")
     old = readers.MAX_JSON_BYTES
@@ -444,14 +454,20 @@ def test_listing_does_not_walk_a_big_tree(tmp_path: Path) -> None:
     deep = tmp_path / "big"
     for i in range(200):
         (deep / f"d{i}" / "x" / "y").mkdir(parents=True)
-    attack(
-        lambda: latentkit.load_pipeline(tmp_path, progress=False),
-        error=MissingComponentError,
-        names=["model_index.json"],
-        seconds=1,
+    Timeout(10).run(
+        lambda: attack(
+            lambda: latentkit.load_pipeline(tmp_path, progress=False),
+            error=MissingComponentError,
+            names=["model_index.json"],
+            seconds=1,
+        )
     )
-    attack(
-        lambda: latentkit.load_pipeline("/", progress=False), error=MissingComponentError, seconds=5
+    Timeout(10).run(
+        lambda: attack(
+            lambda: latentkit.load_pipeline("/", progress=False),
+            error=MissingComponentError,
+            seconds=5,
+        )
     )
 
 

@@ -102,6 +102,25 @@ def test_a_read_only_folder_fails_before_loading(tmp_path: Path, no_loading: Non
         folder.chmod(0o755)
 
 
+def test_a_folder_the_system_says_is_read_only_fails_before_loading(
+    tmp_path: Path, no_loading: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the check sees a read-only folder when run as root (root may write anywhere, so
+    the chmod test above is skipped there): ``os.access`` says no."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **k: False if Path(p) == folder else real_access(p, mode)
+    )
+    attack(
+        lambda: output_paths(folder / "sub" / "out.png", 1),
+        error=OutputPathError,
+        names=["not writable", str(folder)],
+    )
+    assert main(["generate", "a cat", "-o", str(folder / "x.png"), "-q"]) == 2
+
+
 def test_a_folder_that_refuses_files_gives_a_typed_error_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
