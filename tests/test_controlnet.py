@@ -624,6 +624,12 @@ def test_controlnet_from_the_hub_cache_offline(
     assert np.array_equal(a, b)
     with pytest.raises(latentkit.ModelNotCachedError):
         sd1.with_controlnet("someone/absent", cache_dir=tmp_path, local_files_only=True)
+    # A single file in a repo: org/repo/file.
+    original_file(nets["sd1"], snapshot / "canny.safetensors")
+    single = sd1.with_controlnet(
+        "someone/tiny-controlnet/canny.safetensors", cache_dir=tmp_path, local_files_only=True
+    )
+    assert np.array_equal(ours(single, 6, control_image=edges()), b)
 
 
 # ---------------------------------------------------------------- the loop
@@ -633,13 +639,7 @@ def test_control_window_follows_diffusers_keep_rule() -> None:
     """diffusers' ``controlnet_keep``: on at evaluation i of n iff start <= i/n and
     (i+1)/n <= end."""
     run = ControlRun(
-        [],
-        [],
-        scales=[],
-        windows=[(0.25, 0.75), (0.0, 0.5)],
-        guess_mode=False,
-        guided=True,
-        evaluations=8,
+        [], [], scales=[], windows=[(0.25, 0.75), (0.0, 0.5)], guess_mode=False, evaluations=8
     )
     assert [k[0] for k in run.keep] == [0, 0, 1, 1, 1, 1, 0, 0]
     assert [k[1] for k in run.keep] == [1, 1, 1, 1, 0, 0, 0, 0]
@@ -744,3 +744,109 @@ def test_command_line_control_errors_before_loading(
     assert main([*args, "--quiet", *flags]) == 2
     err = capsys.readouterr().err
     assert match in err and "does not exist" not in err  # failed before the model was looked up
+
+
+# ---------------------------------------------------------------- single files
+
+
+def original_file(folder: Path, out: Path, *, prefix: str = "control_model.") -> Path:
+    """The ControlNet in ``folder`` written as an original (lllyasviel / A1111) single file,
+    its keys named by latentkit's key map (`latentkit.checkpoints.keys.controlnet_keys`)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from latentkit.checkpoints.keys import UNetLayout, controlnet_keys
+
+    config = ControlNetConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    keymap = controlnet_keys(
+        UNetLayout.from_config(config.unet),
+        hint_convs=2 * len(config.conditioning_embedding_out_channels),
+    )
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    names = {k: keymap.original(k) for k in state}
+    assert all(names.values()), [k for k, v in names.items() if not v]
+    tensors = {prefix + str(names[k]): v for k, v in state.items()}
+    if out.suffix == ".safetensors":
+        save_file(tensors, out)
+    else:
+        torch.save(tensors, out)
+    return out
+
+
+def test_single_file_keys_are_the_ones_diffusers_reads(models_root: Path, tmp_path: Path) -> None:
+    """A file written with latentkit's key map (SD 1.5's control embedding widths 16, 32,
+    96, 256, which diffusers' converter assumes) is read by diffusers'
+    ``ControlNetModel.from_single_file`` to the very weights it was written from, and by
+    latentkit too, with the config read off its tensors and the base UNet."""
+    import diffusers
+    import tiny_models
+    from safetensors.torch import load_file
+
+    from latentkit.conditioners.control import load_single_file
+    from latentkit.models.unet import UNetConfig
+
+    sd1 = tiny_models.save_pipeline("sd1", models_root)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(sd1 / "unet"))
+    net = diffusers.ControlNetModel.from_unet(unet)  # diffusers' default embedding widths
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    folder = tmp_path / "controlnet"
+    net.save_pretrained(str(folder))
+    expected = load_file(folder / "diffusion_pytorch_model.safetensors")
+    path = original_file(folder, tmp_path / "control_sd15_tiny.safetensors")
+
+    theirs_net = diffusers.ControlNetModel.from_single_file(
+        str(path), config=str(folder), local_files_only=True
+    )
+    theirs_state = theirs_net.state_dict()
+    assert set(theirs_state) == set(expected)
+    assert all(torch.equal(theirs_state[k], expected[k]) for k in expected)
+
+    base = UNetConfig.from_dict(dict(unet.config))
+    mine = load_single_file(path, base=base, device=torch.device("cpu"), dtype=torch.float32)
+    state = mine.network.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    config = mine.network.control_config
+    assert config.conditioning_embedding_out_channels == (16, 32, 96, 256)
+    assert config.unet.in_channels == 4 and config.unet.cross_attention_dim == 32
+
+
+def test_single_file_controlnets_in_a_pipeline(
+    sd1: Any, nets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    expected = ours(sd1.with_controlnet(nets["sd1"]), 2, control_image=edges())
+    files = [
+        original_file(nets["sd1"], tmp_path / "canny.safetensors"),
+        original_file(nets["sd1"], tmp_path / "canny-bare.pth", prefix=""),
+        shutil.copy(
+            nets["sd1"] / "diffusion_pytorch_model.safetensors", tmp_path / "diff.safetensors"
+        ),
+    ]
+    for path in files:
+        pipe = sd1.with_controlnet(path, allow_pickle=True)
+        assert pipe.controls[0].source == str(path)
+        assert np.array_equal(ours(pipe, 2, control_image=edges()), expected), path.name
+    with pytest.raises(latentkit.PickleWeightsError):
+        sd1.with_controlnet(files[1])
+    # Not a ControlNet: the UNet's weights.
+    unet_file = shutil.copy(
+        nets["sd1"].parent / "sd1" / "unet" / "diffusion_pytorch_model.safetensors",
+        tmp_path / "unet.safetensors",
+    )
+    with pytest.raises(latentkit.WeightMismatchError, match="not a ControlNet file"):
+        sd1.with_controlnet(unet_file)
+    # Another base: refused from the tensors' shapes, before any tensor is read.
+    xl = original_file(nets["sdxl"], tmp_path / "xl.safetensors")
+    from latentkit.checkpoints.single_file import Checkpoint
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a tensor was read before the check")
+
+    monkeypatch.setattr(Checkpoint, "__getitem__", boom)
+    with pytest.raises(latentkit.UnsupportedModelError, match="cross_attention_dim=80 vs 32"):
+        sd1.with_controlnet(xl)

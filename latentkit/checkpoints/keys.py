@@ -314,6 +314,45 @@ def unet_keys(layout: UNetLayout) -> KeyMap:
     return KeyMap(tuple(rules))
 
 
+# ---------------------------------------------------------------- ControlNet
+
+CONTROLNET_PREFIX = "control_model."
+"""The prefix of a ControlNet's keys in the original single files (some files drop it)."""
+
+
+def controlnet_keys(layout: UNetLayout, *, hint_convs: int) -> KeyMap:
+    """A ControlNet's map (keys after ``control_model.``): the UNet's encoder half as in
+    `unet_keys`, plus the control image's embedding and the zero convolutions.
+
+    The original ``input_hint_block`` is a ``Sequential`` of ``hint_convs`` convolutions with
+    a SiLU after each but the last, so convolution ``j`` is at index ``2 j``: the first is
+    ``controlnet_cond_embedding.conv_in``, the last ``conv_out``, those between ``blocks.*``;
+    ``zero_convs.i.0`` is ``controlnet_down_blocks.i`` and ``middle_block_out.0``
+    ``controlnet_mid_block``.
+
+    >>> controlnet_keys(UNetLayout(levels=2, layers_per_block=1), hint_convs=8).ours(
+    ...     "input_hint_block.14.weight")
+    ('controlnet_cond_embedding.conv_out.weight',)
+    """
+    if hint_convs < 2:
+        raise InvalidArgumentError(
+            f"a ControlNet's hint block has at least 2 convolutions, got {hint_convs}"
+        )
+    encoder = [
+        r for r in unet_keys(layout).rules if not r.original.startswith(("output_blocks.", "out."))
+    ]
+    hint = [("input_hint_block.0", "controlnet_cond_embedding.conv_in")]
+    hint += [
+        (f"input_hint_block.{2 * j}", f"controlnet_cond_embedding.blocks.{j - 1}")
+        for j in range(1, hint_convs - 1)
+    ]
+    hint.append((f"input_hint_block.{2 * (hint_convs - 1)}", "controlnet_cond_embedding.conv_out"))
+    skips = 1 + layout.levels * layout.layers_per_block + (layout.levels - 1)
+    zero = [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}") for i in range(skips)]
+    zero.append(("middle_block_out.0", "controlnet_mid_block"))
+    return KeyMap(tuple(encoder + _pairs(hint + zero)))
+
+
 # ---------------------------------------------------------------- VAE
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -223,6 +223,146 @@ def check_base(
         )
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+"""File endings of single-file ControlNets; all but safetensors are pickle."""
+
+
+def is_single_file(source: object) -> bool:
+    """Whether ``source`` names one weights file (by its ending), local or ``org/repo/file``."""
+    return isinstance(source, (str, os.PathLike)) and os.fspath(source).lower().endswith(
+        SINGLE_FILE_SUFFIXES
+    )
+
+
+def load_single_file(
+    source: str | os.PathLike[str],
+    *,
+    base: UNetConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_pickle: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    fits: Callable[[ControlNetConfig, str], None] | None = None,
+) -> ControlNetConditioner:
+    """A ControlNet from one file: the original layout (``control_model.input_blocks...``,
+    ``input_hint_block``, ``zero_convs``, ``middle_block_out``, as lllyasviel's and A1111's
+    files) or diffusers' keys, local or ``org/repo/file`` on the Hub.
+
+    A single file has no config: the encoder's is the base UNet's (``base``; a ControlNet is
+    a copy of its base's encoder), with what the tensors say instead where they say it
+    (input and control image channels, the control embedding's widths, the text width and
+    the vector), so ``fits`` refuses a ControlNet for another base before any tensor is
+    read. A "shuffle" ControlNet's ``global_pool_conditions`` cannot be read off a file.
+    """
+    import dataclasses
+
+    from latentkit.adapters.common import find_adapter_file
+    from latentkit.checkpoints.keys import CONTROLNET_PREFIX, UNetLayout, controlnet_keys
+    from latentkit.checkpoints.single_file import Checkpoint
+    from latentkit.errors import WeightMismatchError
+    from latentkit.loading import load_into
+    from latentkit.models.controlnet import ControlNet, ControlNetConfig
+
+    name = os.fspath(source)
+    weight_name = None
+    hub = not name.startswith((".", "/", "~")) and name.count("/") >= 2
+    if hub and not Path(name).expanduser().exists():
+        owner, repo, weight_name = name.split("/", 2)  # org/repo/file on the Hub
+        name = f"{owner}/{repo}"
+    path = find_adapter_file(
+        name,
+        weight_name=weight_name,
+        default_names=(),
+        allow_pickle=allow_pickle,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        what="ControlNet",
+    )
+    checkpoint = Checkpoint(path, allow_pickle=allow_pickle)
+    prefix = CONTROLNET_PREFIX if any(k.startswith(CONTROLNET_PREFIX) for k in checkpoint) else ""
+    keys = {k[len(prefix) :]: k for k in checkpoint if k.startswith(prefix)}
+    shapes = {short: checkpoint.shapes[full] for short, full in keys.items()}
+    original = "controlnet_cond_embedding.conv_in.weight" not in shapes
+    names = _ORIGINAL_NAMES if original else _DIFFUSERS_NAMES
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise WeightMismatchError(
+                f"{path}: no {prefix}{key}; this is not a ControlNet file (or not one latentkit "
+                "reads: original lllyasviel/A1111 keys or diffusers' ControlNetModel keys)",
+                path=path,
+            )
+        return shapes[key]
+
+    # The control embedding's widths: its first convolution's, then each stride-2 one's.
+    at = len(names["hint"]) + 1
+    hint = sorted(
+        int(k[at:].split(".")[0])
+        for k in shapes
+        if k.startswith(names["hint"] + ".") and k.endswith(".weight")
+    )
+    if original:
+        widths = [shape(f"input_hint_block.{4 * m}.weight")[0] for m in range(len(hint) // 2)]
+    else:
+        first = shape("controlnet_cond_embedding.conv_in.weight")[0]
+        strided = [shape(f"controlnet_cond_embedding.blocks.{b}.weight")[0] for b in hint[1::2]]
+        widths = [first, *strided]
+    context = next(s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight"))
+    vector = shapes.get(names["vector"])
+    inputs = shape(names["conv_in"])[1]
+    unet = dataclasses.replace(
+        base,
+        in_channels=inputs,
+        out_channels=inputs,
+        cross_attention_dim=context,
+        addition_embed_type=None if vector is None else "text_time",
+        addition_time_embed_dim=None if vector is None else base.addition_time_embed_dim or 256,
+        projection_class_embeddings_input_dim=None if vector is None else vector[1],
+    )
+    config = ControlNetConfig(
+        unet=unet,
+        conditioning_channels=shape(names["hint_in"])[1],
+        conditioning_embedding_out_channels=tuple(widths),
+    )
+    if fits is not None:
+        fits(config, os.fspath(source))
+    keymap = (
+        controlnet_keys(UNetLayout.from_config(unet), hint_convs=len(hint)) if original else None
+    )
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for short, full in keys.items():
+            ours = None if keymap is None else keymap.ours(short)
+            if ours == ():
+                continue  # a tensor the format carries and the network has no place for
+            tensor = checkpoint[full]
+            if not tensor.is_floating_point():
+                raise WeightMismatchError(f"{path}: {full} is {tensor.dtype}, not float", path=path)
+            yield (short if not ours else ours[0]), tensor.to(device=device, dtype=dtype)
+
+    with torch.device("meta"):
+        network = ControlNet(config)
+    load_into(network, tensors(), name=f"ControlNet {os.fspath(source)}")
+    return ControlNetConditioner(network=network, source=os.fspath(source))
+
+
+_ORIGINAL_NAMES = {
+    "hint": "input_hint_block",
+    "hint_in": "input_hint_block.0.weight",
+    "conv_in": "input_blocks.0.0.weight",
+    "vector": "label_emb.0.0.weight",
+}
+_DIFFUSERS_NAMES = {
+    "hint": "controlnet_cond_embedding.blocks",
+    "hint_in": "controlnet_cond_embedding.conv_in.weight",
+    "conv_in": "conv_in.weight",
+    "vector": "add_embedding.linear_1.weight",
+}
+
+
 def read_controlnet_config(files: ModelFiles) -> ControlNetConfig:
     """The `ControlNetConfig` of resolved ControlNet files; a refusal names the file."""
     from latentkit.models.controlnet import ControlNetConfig
@@ -283,8 +423,9 @@ class ControlRun:
 
     Mirrors diffusers' ControlNet pipelines: net ``k`` contributes at evaluation ``i`` of
     ``n`` only if ``start_k <= i / n`` and ``(i + 1) / n <= end_k`` (``controlnet_keep``);
-    with guidance, it reads both halves of the batch, except in guess mode, where it reads
-    the conditional half only and the unconditional half gets zero residuals.
+    when the evaluation is guided (``x_in`` is ``x`` twice), it reads both halves of the
+    batch, except in guess mode, where it reads the conditional half only and the
+    unconditional half gets zero residuals.
     """
 
     def __init__(
@@ -295,14 +436,13 @@ class ControlRun:
         scales: Sequence[float],
         windows: Sequence[tuple[float, float]],
         guess_mode: bool,
-        guided: bool,
         evaluations: int,
     ) -> None:
         self.adapters = tuple(adapters)
         self.images = tuple(images)
+        """One control image per adapter, one row per image of the batch."""
         self.scales = tuple(scales)
         self.guess_mode = guess_mode
-        self.guided = guided
         n = evaluations
         self.keep = [
             [1.0 - float(i / n < start or (i + 1) / n > end) for start, end in windows]
@@ -318,11 +458,15 @@ class ControlRun:
         context: torch.Tensor,
         vector: torch.Tensor | None,
     ) -> ControlResiduals | None:
-        """Residuals for the evaluation at ``t`` of the latents ``x`` (batched with guidance
-        into ``x_in``), conditioned on ``context`` and ``vector`` (both halves with guidance)."""
+        """Residuals for the evaluation at ``t`` of the latents ``x``, as the UNet gets them
+        in ``x_in`` (``[x, x]`` when guided: unconditional rows first), conditioned on the
+        ``context`` and ``vector`` of ``x_in``'s rows."""
         keep = self.keep[min(self.index, len(self.keep) - 1)]
         self.index += 1
-        split = self.guess_mode and self.guided
+        # Whether this evaluation is guided is read off the batch, so a loop that skips
+        # guidance for some steps (a guidance interval) gets residuals for the rows it runs.
+        doubled = x_in.shape[0] == 2 * x.shape[0]
+        split = self.guess_mode and doubled
         latents, ctx, vec = x_in, context, vector
         if split:
             # Guess mode: the ControlNet sees the conditional branch only (diffusers' rule).
@@ -335,7 +479,8 @@ class ControlRun:
             weight = scale * k
             if weight == 0.0:
                 continue  # zero residuals: adding them changes nothing, so skip the network
-            value = ControlInput(image, latents, t, ctx, vec, scale=weight, ramp=self.guess_mode)
+            rows = torch.cat([image, image]) if doubled and not split else image
+            value = ControlInput(rows, latents, t, ctx, vec, scale=weight, ramp=self.guess_mode)
             out = adapter.encode(value, device=latents.device, dtype=latents.dtype)
             total = out if total is None else total.plus(out)
         if total is None or not split:
@@ -352,24 +497,22 @@ def start_control(
     *,
     size: tuple[int, int],
     batch: int,
-    guided: bool,
     evaluations: int,
     device: torch.device,
     dtype: torch.dtype,
 ) -> ControlRun | None:
     """One call's `ControlRun` (None without ControlNets): the control images read at the
-    output ``size``, one row per image of the ``batch`` (twice with guidance, unless in guess
-    mode), and each net's scale and window. A ``global_pool_conditions`` first ControlNet
-    turns guess mode on, as in diffusers."""
+    output ``size``, one row per image of the ``batch``, and each net's scale and window
+    over the run's ``evaluations``. A ``global_pool_conditions`` first ControlNet turns
+    guess mode on, as in diffusers."""
     if not controls or request.control_image is None:
         return None
     count = len(controls)
     guess = request.guess_mode or controls[0].network.control_config.global_pool_conditions
-    prepared = []
-    for control, image in zip(controls, control_images(request.control_image), strict=True):
-        rows = control.prepare(image, size=size, device=device, dtype=dtype)
-        rows = rows.expand(batch, -1, -1, -1)
-        prepared.append(torch.cat([rows, rows]) if guided and not guess else rows)
+    prepared = [
+        control.prepare(image, size=size, device=device, dtype=dtype).expand(batch, -1, -1, -1)
+        for control, image in zip(controls, control_images(request.control_image), strict=True)
+    ]
     starts = per_control("control_start", request.control_start, count)
     ends = per_control("control_end", request.control_end, count)
     return ControlRun(
@@ -378,7 +521,6 @@ def start_control(
         scales=[float(s) for s in per_control("control_scale", request.control_scale, count)],
         windows=[(float(a), float(b)) for a, b in zip(starts, ends, strict=True)],
         guess_mode=guess,
-        guided=guided,
         evaluations=evaluations,
     )
 

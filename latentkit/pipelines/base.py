@@ -518,7 +518,9 @@ class LatentDiffusion:
 
         ``source`` is a Hub repo id or a folder in diffusers' layout (``config.json`` and
         ``diffusion_pytorch_model.safetensors``; the keywords are `latentkit.load_pipeline`'s),
-        or a `ControlNetConditioner` already loaded. A ControlNet for another base (an SDXL
+        a single file (``.safetensors``, or ``.pth`` with ``allow_pickle``; local or
+        ``org/repo/file``) in the original or diffusers' layout, or a `ControlNetConditioner`
+        already loaded. A ControlNet for another base (an SDXL
         one on SD 1.5) is refused with `UnsupportedModelError` before its weights are read.
 
         >>> pipe = pipe.with_controlnet("lllyasviel/control_v11p_sd15_canny")  # doctest: +SKIP
@@ -538,6 +540,18 @@ class LatentDiffusion:
         if isinstance(source, ControlNetConditioner):
             fits(source.network.control_config, source.source)
             control = source
+        elif controlnet.is_single_file(source):
+            control = controlnet.load_single_file(
+                source,
+                base=self.unet.config,
+                device=self.runtime.storage_device,
+                dtype=self.dtype,
+                allow_pickle=allow_pickle,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+                fits=fits,
+            )
         else:
             control = ControlNetConditioner.load(
                 source,
@@ -637,7 +651,6 @@ class LatentDiffusion:
                 request,
                 size=(height, width),
                 batch=batch,
-                guided=guided,
                 # diffusers' `controlnet_keep` counts the evaluations from the start position
                 # to the end of the schedule, before any denoising_end cut.
                 evaluations=len(sched.timesteps(steps)) - first,
