@@ -154,7 +154,7 @@ def safetensors_header(
     "data_offsets"}`` with known dtypes, whose byte ranges have the size their shape and
     dtype give and tile the data that follows without gap or overlap, up to its end.
 
-    Only the header is read (the tensors are not), so checking a file costs microseconds.
+    Only the header is read (the tensors are not), a small part of a load.
     The safetensors library checks the same before it maps a file; doing it here names the
     file and the fault, and a truncated download is caught before any weight is loaded.
     """
