@@ -146,9 +146,10 @@ class Request:
     """ControlNet (``pipeline.with_controlnet``): the control image (edges, depth, pose...),
     or a list with one per ControlNet in the order they were attached; resized to the output
     size (text-to-image without ``height``/``width`` takes the first one's size)."""
-    control_scale: float | Sequence[float] = 1.0
+    control_scale: float | Sequence[float] | None = None
     """How strongly the ControlNets steer (diffusers' ``controlnet_conditioning_scale``):
-    one number for all, or one per ControlNet."""
+    one number for all, or one per ControlNet. ``None``: diffusers' default for the task,
+    1.0 for text-to-image, 0.8 for image-to-image, 0.5 for inpainting (SDXL: 1.0)."""
     control_start: float | Sequence[float] = 0.0
     """The fraction of the run's evaluations before which a ControlNet is off (diffusers'
     ``control_guidance_start``); one for all, or one per ControlNet."""
@@ -300,6 +301,8 @@ class Request:
             ("control_end", 0.0, 1.0),
         ):
             value = getattr(self, name)
+            if value is None and name == "control_scale":
+                continue  # the task's default
             values = list(value) if isinstance(value, (list, tuple)) else [value]
             if not values:
                 raise InvalidArgumentError(f"{name} must be a number or a non-empty list")

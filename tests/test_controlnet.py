@@ -346,7 +346,10 @@ def test_sdxl_text_to_image_matches_diffusers(
 def test_sd1_image_to_image_matches_diffusers(
     sd1: Any, sd1_path: Path, nets: dict[str, Path], guess: bool
 ) -> None:
-    kw = dict(strength=0.75, control_scale=0.8, control_end=0.7, guess_mode=guess)
+    # Without control_scale: diffusers' image-to-image default, 0.8.
+    kw: dict[str, Any] = dict(strength=0.75, control_end=0.7, guess_mode=guess)
+    if guess:
+        kw["control_scale"] = 1.3
     ref = reference("StableDiffusionControlNetImg2ImgPipeline", sd1_path, [nets["sd1"]])
     expected = theirs(
         ref, 11, prompt="a red cat", image=picture(1), control_image=edges(1), **their_keywords(kw)
@@ -362,7 +365,10 @@ def test_sd1_inpainting_matches_diffusers(
     """A 4-channel model inpaints by blending; the 9-channel inpainting model reads the mask
     and masked picture; the ControlNet reads the 4 latent channels either way."""
     path = sd1_path if model == "sd1" else inpaint_path
-    kw = dict(strength=1.0 if model == "inpaint" else 0.8, control_scale=0.9)
+    # The 4-channel model without control_scale: diffusers' inpainting default, 0.5.
+    kw: dict[str, Any] = (
+        dict(strength=0.8) if model == "sd1" else dict(strength=1.0, control_scale=0.9)
+    )
     ref = reference("StableDiffusionControlNetInpaintPipeline", path, [nets["sd1"]])
     expected = theirs(
         ref,
@@ -381,7 +387,7 @@ def test_sd1_inpainting_matches_diffusers(
 def test_sdxl_image_to_image_matches_diffusers(
     sdxl: Any, sdxl_path: Path, nets: dict[str, Path]
 ) -> None:
-    kw = dict(strength=0.6, control_scale=0.8)
+    kw = dict(strength=0.6)  # control_scale: diffusers' SDXL image-to-image default, 0.8
     ref = reference("StableDiffusionXLControlNetImg2ImgPipeline", sdxl_path, [nets["sdxl"]])
     expected = theirs(
         ref, 17, prompt="a red cat", image=picture(4), control_image=edges(4), **their_keywords(kw)
@@ -397,7 +403,10 @@ def test_sdxl_inpainting_matches_diffusers(
     sdxl_path: Path, sdxl_inpaint_path: Path, nets: dict[str, Path], model: str
 ) -> None:
     path = sdxl_path if model == "sdxl" else sdxl_inpaint_path
-    kw = dict(strength=0.9, control_scale=1.1)
+    # The base without control_scale: diffusers' SDXL inpainting default, 1.0.
+    kw: dict[str, Any] = (
+        dict(strength=0.9) if model == "sdxl" else dict(strength=0.9, control_scale=1.1)
+    )
     ref = reference("StableDiffusionXLControlNetInpaintPipeline", path, [nets["sdxl"]])
     expected = theirs(
         ref,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -498,13 +498,15 @@ def start_control(
     size: tuple[int, int],
     batch: int,
     evaluations: int,
+    defaults: Mapping[str, float],
     device: torch.device,
     dtype: torch.dtype,
 ) -> ControlRun | None:
     """One call's `ControlRun` (None without ControlNets): the control images read at the
     output ``size``, one row per image of the ``batch``, and each net's scale and window
-    over the run's ``evaluations``. A ``global_pool_conditions`` first ControlNet turns
-    guess mode on, as in diffusers."""
+    over the run's ``evaluations``. Without ``control_scale``, the scale is the family's
+    default for the task (``defaults``: `latentkit.pipelines.Family.control_scales`). A
+    ``global_pool_conditions`` first ControlNet turns guess mode on, as in diffusers."""
     if not controls or request.control_image is None:
         return None
     count = len(controls)
@@ -515,10 +517,20 @@ def start_control(
     ]
     starts = per_control("control_start", request.control_start, count)
     ends = per_control("control_end", request.control_end, count)
+    scale = request.control_scale
+    if scale is None:
+        task = (
+            "inpainting"
+            if request.mask_image is not None
+            else "image-to-image"
+            if request.image is not None
+            else "text-to-image"
+        )
+        scale = defaults[task]
     return ControlRun(
         controls,
         prepared,
-        scales=[float(s) for s in per_control("control_scale", request.control_scale, count)],
+        scales=[float(s) for s in per_control("control_scale", scale, count)],
         windows=[(float(a), float(b)) for a, b in zip(starts, ends, strict=True)],
         guess_mode=guess,
         evaluations=evaluations,

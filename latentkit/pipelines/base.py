@@ -654,6 +654,7 @@ class LatentDiffusion:
                 # diffusers' `controlnet_keep` counts the evaluations from the start position
                 # to the end of the schedule, before any denoising_end cut.
                 evaluations=len(sched.timesteps(steps)) - first,
+                defaults=self.spec.control_scales,
                 device=self.device,
                 dtype=self.dtype,
             )

@@ -9,6 +9,7 @@ decoding. See docs/families.md for writing one.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -42,6 +43,11 @@ class Family:
     """The ``strength`` of image-to-image when the caller does not say."""
     inpaint_strength: ClassVar[float] = 1.0
     """The ``strength`` of inpainting when the caller does not say."""
+    control_scales: ClassVar[Mapping[str, float]] = MappingProxyType(
+        {"text-to-image": 1.0, "image-to-image": 0.8, "inpainting": 0.5}
+    )
+    """The ControlNet ``control_scale`` when the caller does not say, per task (diffusers'
+    ``controlnet_conditioning_scale`` defaults of its ControlNet pipelines)."""
     upcast_vae: ClassVar[bool] = False
     """Run the autoencoder in float32 when the pipeline is half precision and the VAE config
     says ``force_upcast`` (SDXL's VAE overflows in fp16)."""

@@ -10,6 +10,7 @@ rest is half precision, and diffusers' defaults for guidance and strength.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -42,6 +43,9 @@ class StableDiffusionXLFamily(Family):
     img2img_strength: ClassVar[float] = 0.3
     # diffusers' SDXL inpainting default: just under 1, so the picture seeds the start.
     inpaint_strength: ClassVar[float] = 0.9999
+    control_scales: ClassVar[Mapping[str, float]] = MappingProxyType(
+        {"text-to-image": 1.0, "image-to-image": 0.8, "inpainting": 1.0}
+    )
     upcast_vae: ClassVar[bool] = True
 
     @classmethod
