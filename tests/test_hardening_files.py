@@ -317,14 +317,8 @@ def test_the_tokenizer_checks_it_fits_its_text_encoder(model: Path) -> None:
         tokenizer.check_encoder(vocab_size=size, max_positions=76)
 
 
-WIRING = pytest.mark.xfail(
-    strict=True,
-    reason="needs the pipeline to call tokenizer.check_encoder(vocab_size=..., max_positions=...) "
-    "where it pairs a tokenizer with its text encoder (the lead's pipelines/conditioners files)",
-)
 
 
-@WIRING
 def test_token_ids_beyond_the_embedding_table_fail_at_load(model: Path) -> None:
     vocab_file = model / "tokenizer" / "vocab.json"
     vocab = json.loads(vocab_file.read_text())
@@ -333,7 +327,6 @@ def test_token_ids_beyond_the_embedding_table_fail_at_load(model: Path) -> None:
     attack(lambda: load(model), error=InvalidConfigError, names=["vocab_size"])
 
 
-@WIRING
 @pytest.mark.parametrize("length", [None, 2, 78])
 def test_a_window_the_text_encoder_cannot_read_fails_at_load(
     model: Path, length: int | None
@@ -602,7 +595,7 @@ def file_mutation(draw: st.DrawFn, name: str, raw: bytes) -> tuple[bytes, list[s
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(name, marks=WIRING) if name == "tokenizer/tokenizer_config.json" else name
+        name
         for name in FUZZED_FILES
     ],
 )

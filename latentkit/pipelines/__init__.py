@@ -56,7 +56,8 @@ def detect(
         known = "; ".join(f"{f.name} ({', '.join(f.pipeline_classes)})" for f in families)
         why = "several families fit" if fitting else "no pipeline family loads it"
         raise UnsupportedModelError(
-            f"{source}: {why} ({class_name!r} with this UNet config); latentkit knows {known}"
+            f"{source}: {why} (model_index.json _class_name {class_name!r} with this UNet "
+            f"config); latentkit knows {known}"
         )
     return fitting[0]
 

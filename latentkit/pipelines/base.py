@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -32,11 +32,14 @@ from latentkit.conditioners.text import TextConditioner, TextEmbeddings, encode_
 from latentkit.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from latentkit.errors import (
     InvalidArgumentError,
+    LatentkitError,
     MissingComponentError,
     NonFiniteError,
     UnsupportedModelError,
 )
+from latentkit.guidance import guidance_gate
 from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
+from latentkit.models.unet import FeatureCache
 from latentkit.noise import first_generator, randn
 from latentkit.outpainting import Outpaint, check_margins, extend
 from latentkit.performance import Performance, Runtime
@@ -51,11 +54,13 @@ from latentkit.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import AutoencoderKL
+    from latentkit.models.autoencoder_tiny import AutoencoderTiny
     from latentkit.models.controlnet import ControlNetConfig
     from latentkit.models.unet import UNet2DCondition
 
 
 logger = logging.getLogger("latentkit")
+T = TypeVar("T")
 
 DEFAULT_STEPS = 50
 """Denoising steps when neither the caller nor the model says (diffusers' default)."""
@@ -222,7 +227,8 @@ class LatentDiffusion:
     new pipeline sharing the same weights, so one pipeline serves several threads."""
 
     unet: UNet2DCondition
-    vae: AutoencoderKL
+    vae: AutoencoderKL | AutoencoderTiny
+    """The autoencoder: Stable Diffusion's KL one, or TAESD (``load_pipeline(vae=...)``)."""
     text: tuple[TextConditioner, ...]
     """The text encoders, in the order their hidden states are concatenated."""
     scheduler: Scheduler
@@ -309,7 +315,11 @@ class LatentDiffusion:
         stream in, so no second copy of them ever exists."""
         from tqdm.auto import tqdm
 
-        from latentkit.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+        from latentkit.models.autoencoder_tiny import (
+            AutoencoderTinyConfig,
+            autoencoder_config,
+            build_autoencoder,
+        )
         from latentkit.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
         from latentkit.models.unet import UNet2DCondition, UNetConfig
 
@@ -320,8 +330,13 @@ class LatentDiffusion:
         home = runtime.storage_device  # the CPU when offloading, else the device
         scheduler_config = dict(parts.configs["scheduler"])
         scheduler = schedulers.from_config(scheduler_config)
-        unet_config = UNetConfig.from_dict(parts.configs["unet"])
-        vae_config = AutoencoderKLConfig.from_dict(parts.configs["vae"])
+        unet_config = _parse(parts, "unet", UNetConfig.from_dict)
+        vae_config = _parse(parts, "vae", autoencoder_config)  # KL, or TAESD's tiny one
+        if runtime.tiling is not None and isinstance(vae_config, AutoencoderTinyConfig):
+            raise InvalidArgumentError(
+                f"{parts.name}: vae_tiling works with the KL autoencoder only; the tiny "
+                "autoencoder (AutoencoderTiny) needs no tiling: load without vae_tiling"
+            )
         # SDXL's VAE overflows in half precision: it runs in float32 (diffusers' force_upcast).
         upcast = family.upcast_vae and vae_config.force_upcast and dt == torch.float16
         if not parts.encoders:
@@ -338,9 +353,9 @@ class LatentDiffusion:
             with torch.device("meta"):
                 # Built on the meta device: no memory, no random init; the weights are assigned.
                 unet = UNet2DCondition(unet_config)
-                vae = AutoencoderKL(vae_config)
+                vae = build_autoencoder(vae_config)
                 encoders = [
-                    CLIPTextEncoder(CLIPTextConfig.from_dict(parts.configs[e]))
+                    CLIPTextEncoder(_parse(parts, e, CLIPTextConfig.from_dict))
                     for e in parts.encoders
                 ]
             load_into(unet, parts.tensors("unet", home, dt), name="unet")
@@ -350,9 +365,17 @@ class LatentDiffusion:
             text = []
             for component, encoder in zip(parts.encoders, encoders, strict=True):
                 load_into(encoder, parts.tensors(component, home, dt), name=component)
+                tokenizer = parts.tokenizer(component)
+                # An id past the embedding table or a window past the positions would fail
+                # at generation time: refuse the pair now, naming the config.
+                tokenizer.check_encoder(
+                    vocab_size=encoder.config.vocab_size,
+                    max_positions=encoder.config.max_position_embeddings,
+                    where=f"{parts.name}'s {component}",
+                )
                 text.append(
                     TextConditioner(
-                        tokenizer=parts.tokenizer(component),
+                        tokenizer=tokenizer,
                         text_encoder=encoder,
                         component=component,
                     )
@@ -662,24 +685,35 @@ class LatentDiffusion:
             if labels is not None:
                 labels = labels.to(self.device).expand(batch * (2 if guided else 1))
 
+            gate = None
+            if guided and request.guidance_interval is not None:
+                gate = guidance_gate(sched, request.guidance_interval)
+            # DeepCache: this call's own cache, passed to every evaluation (no module state).
+            cache = None if request.feature_cache is None else FeatureCache(request.feature_cache)
+
             def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                x_in = torch.cat([x, x]) if guided else x
+                # Outside the guidance interval only the conditional rows (the guided
+                # batch's second half) run: half the UNet batch.
+                guide = guided and (gate is None or gate(t))
+                rows = slice(None) if guide or not guided else slice(x.shape[0], None)
+                context = cond.context[rows]
+                vector = None if cond.vector is None else cond.vector[rows]
+                x_in = torch.cat([x, x]) if guide else x
                 # ControlNet residuals: one call per evaluation, on the latents only.
-                residuals = (
-                    None if control is None else control(x, x_in, t, cond.context, cond.vector)
-                )
+                residuals = None if control is None else control(x, x_in, t, context, vector)
                 if concat is not None:  # inpainting and depth models read extra channels
-                    x_in = torch.cat([x_in, concat], dim=1)
+                    x_in = torch.cat([x_in, concat[rows]], dim=1)
+                classes = None if labels is None else labels[rows]
 
                 def unet(window: torch.Tensor) -> torch.Tensor:
-                    return rt.unet(window, t, cond.context, cond.vector, residuals, labels)
+                    return rt.unet(window, t, context, vector, residuals, classes, cache)
 
                 # Large latents in overlapping tiles, blended at every evaluation (MultiDiffusion).
                 if tiles is None:
                     out = unet(x_in)
                 else:
                     out = map_tiles(unet, x_in, tile=tiles[0], overlap=tiles[1])
-                if not guided:
+                if not guide:
                     return out
                 out_uncond, out_text = out.chunk(2)
                 # Classifier-free guidance, Ho & Salimans 2022 eq. 6.
@@ -752,6 +786,9 @@ class LatentDiffusion:
                 f"negative_prompt_embeds {tuple(ne.shape)} must match prompt_embeds {tuple(pe.shape)}"
             )
         controlnet.check_request(self.controls, request, name=self.name)
+        if request.feature_cache is not None:
+            assert self.runtime is not None
+            self.runtime.check_cache()
         self.spec.check(self, request)
 
     def _latent_tiles(self) -> tuple[int, int] | None:
@@ -1291,6 +1328,15 @@ class _PipelineAutoencoder:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipe.vae.decode(latents.to(self.pipe._vae_dtype)).to(self.pipe.dtype)
+
+
+def _parse(parts: Parts, component: str, parse: Callable[[Mapping[str, Any]], T]) -> T:
+    """A component's config parsed; a refusal names the model and the component."""
+    try:
+        return parse(parts.configs[component])
+    except LatentkitError as e:
+        e.args = (f"{parts.name}: {component} config: {e}", *e.args[1:])
+        raise
 
 
 def rescale_guidance(out: torch.Tensor, out_text: torch.Tensor, phi: float) -> torch.Tensor:
