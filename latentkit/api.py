@@ -55,7 +55,8 @@ def load_pipeline(
     (SD 2.x files default to ``"v_prediction"``, as diffusers' default config for them).
     ``config`` (a local diffusers folder) gives a single file its configs and tokenizers
     instead of the published ones. ``vae`` swaps the autoencoder: a diffusers VAE folder or
-    Hub repo, or a single VAE file.
+    Hub repo (an ``AutoencoderKL``, or TAESD's ``AutoencoderTiny`` such as
+    ``madebyollin/taesd``, a fast decoder), or a single VAE file.
 
     The family is read from ``model_index.json``'s ``_class_name`` and, where that is
     ambiguous, from the UNet config (`latentkit.pipelines.detect`); ``pipe.family`` names it.

@@ -23,6 +23,7 @@ from latentkit.protocols import ControlResiduals
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import Tiling
+    from latentkit.models.unet import FeatureCache
 
 UNetCall = Callable[..., Tensor]
 """``(x, t, context)``, ``(x, t, context, vector)``, ``(x, t, context, vector, control)`` or
@@ -168,6 +169,7 @@ class Runtime:
         self.tiling = performance.tiling()
         self.unet_tiling = performance.tiling("unet")
         self._unet_call: UNetCall | None = None
+        self._unet_module: nn.Module | None = None  # eager, for calls with a FeatureCache
         # cpu_offload moves shared modules: one generate() at a time.
         self._lock = threading.Lock() if performance.cpu_offload else None
 
@@ -182,6 +184,24 @@ class Runtime:
             raise InvalidArgumentError(
                 "cpu_offload moves networks between CPU memory and an accelerator; this "
                 "pipeline already runs on the CPU"
+            )
+
+    def check_cache(self) -> None:
+        """Refuse DeepCache (``generate(feature_cache=N)``) where the UNet does not run
+        eagerly on the whole latents: its evaluations differ from call to call, which a
+        compiled graph or a captured CUDA graph cannot follow, and tiles would need a cache
+        each."""
+        for name in ("compile", "cuda_graphs"):
+            if getattr(self.performance, name):
+                raise InvalidArgumentError(
+                    f"feature_cache does not go with Performance({name}=True): its shallow "
+                    "evaluations run a different part of the UNet than the full ones; load "
+                    f"the pipeline without {name} to use it"
+                )
+        if self.unet_tiling is not None:
+            raise InvalidArgumentError(
+                "feature_cache does not go with Performance(unet_tiling=...): each tile would "
+                "need a cache of its own; load the pipeline without unet_tiling to use it"
             )
 
     @property
@@ -222,6 +242,7 @@ class Runtime:
         elif p.cuda_graphs:
             call = CudaGraphs(unet)
         self._unet_call = call
+        self._unet_module = unet
 
     def configure(self, module: nn.Module, name: str) -> None:
         """Apply the module-level options (GEMM convolutions, upsampling by phases, the
@@ -253,11 +274,13 @@ class Runtime:
         vector: Tensor | None = None,
         control: ControlResiduals | None = None,
         labels: Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> Tensor:
         """One UNet evaluation in the configured way, returned in ``x``'s dtype; ``vector``
         is added to the time embedding (SDXL), None for models without one; ``control``
         (ControlNet residuals) to the skip connections and middle block; ``labels`` (B,) are
-        the class labels of a UNet with ``num_class_embeds`` (the x4 upscaler's noise level)."""
+        the class labels of a UNet with ``num_class_embeds`` (the x4 upscaler's noise level);
+        ``cache`` is a run's DeepCache state (``generate(feature_cache=N)``)."""
         assert self._unet_call is not None, "Runtime.prepare was not called"
         if self.channels_last("unet"):
             x = x.contiguous(memory_format=torch.channels_last)
@@ -271,7 +294,13 @@ class Runtime:
             args = (x, t, context, vector, control)
         if labels is not None:
             args = (*args, labels)
-        out = self._unet_call(*args)
+        if cache is not None:
+            # DeepCache (`latentkit.models.unet.FeatureCache`) changes what each call runs:
+            # the eager network (compile and CUDA graphs are refused with it, `check_cache`).
+            assert self._unet_module is not None
+            out: Tensor = self._unet_module(x, t, context, vector, control, labels, cache=cache)
+        else:
+            out = self._unet_call(*args)
         return out.to(x.dtype).contiguous()
 
     @contextlib.contextmanager

@@ -90,6 +90,16 @@ class Request:
     ``None``: the model's recommendation, else the family's default (7.5 SD, 5.0 SDXL)."""
     guidance_rescale: float = 0.0
     """Rescale factor φ of Lin et al. 2024, eqs. 15-16 (0 = off)."""
+    guidance_interval: tuple[float, float] | None = None
+    """Guide only at noise levels σ in ``(low, high]`` (Kynkäänniemi et al. 2024,
+    `latentkit.guidance`): outside it only the conditional branch runs, at half the UNet
+    batch. σ is ``sqrt((1 - ᾱ_t) / ᾱ_t)`` of the evaluated timestep (0.03 to 14.6 on Stable
+    Diffusion's schedule); the paper's choice for SDXL is ``(0.28, 5.42)``; ``high`` may be
+    ``math.inf``. None: guidance at every evaluation."""
+    feature_cache: int | None = None
+    """DeepCache (Ma et al. 2024): run the whole UNet every ``feature_cache`` evaluations
+    and, in between, only its shallowest layers on the deep feature kept from the last full
+    one (`latentkit.models.unet.FeatureCache`); 1 is the plain result. None: off."""
     scheduler: str | Scheduler | None = None
     """A scheduler name (see ``latentkit.schedulers.names()``) or object; ``None``: the model's."""
     seed: Seeds = None
@@ -198,6 +208,10 @@ class Request:
         _int_at_least("clip_skip", self.clip_skip, 0, optional=True)
         _number_in("guidance_scale", self.guidance_scale, 0.0, 1e4, optional=True)
         _number_in("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        _check_interval(self.guidance_interval)
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
+        _int_at_least("feature_cache", self.feature_cache, 1, optional=True)
         _number_in("strength", self.strength, 0.0, 1.0, optional=True)
         for name in ("denoising_start", "denoising_end"):
             value = getattr(self, name)
@@ -456,6 +470,23 @@ def _check_outpaint(value: object) -> None:
         raise InvalidArgumentError(
             "outpaint must be four ints (left, top, right, bottom) in [0, 2**20], not all 0; "
             f"got {value!r}"
+        )
+
+
+def _check_interval(value: object) -> None:
+    if value is None:
+        return
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != 2
+        or not is_real(value[0])
+        or not (is_real(value[1]) or value[1] == math.inf)
+        or not 0 <= value[0] < value[1]
+    ):
+        raise InvalidArgumentError(
+            "guidance_interval must be two noise levels (low, high) with 0 <= low < high "
+            f"(high may be math.inf); got {value!r}"
         )
 
 

@@ -271,10 +271,12 @@ def vae_override(
     ``path`` is a diffusers VAE folder (``config.json`` + weights, as on the Hub) or a single
     file, in diffusers' layout or the original one (``encoder.down.0.block.0...``, e.g.
     ``vae-ft-mse-840000-ema-pruned.safetensors``); a single file takes the pipeline's own VAE
-    ``config`` (its scaling factor), as a checkpoint carries no config.
+    ``config`` (its scaling factor), as a checkpoint carries no config. A folder whose config
+    names ``AutoencoderTiny`` (TAESD, `latentkit.models.autoencoder_tiny`) is read as it is.
     """
     from latentkit.checkpoints.keys import CheckpointLayout, ComponentKeys, vae_keys
     from latentkit.models.autoencoder import AutoencoderKLConfig, rename_legacy_key
+    from latentkit.models.autoencoder_tiny import is_tiny
 
     if path.is_dir():
         from latentkit.readers import read_json_object
@@ -285,6 +287,15 @@ def vae_override(
             raise WeightMismatchError(f"{path} has no diffusion_pytorch_model.safetensors")
         path = files[0]
     checkpoint = Checkpoint(path, allow_pickle=allow_pickle)
+    if is_tiny(config):
+        # TAESD in diffusers' layout: the keys are the module paths, nothing to convert.
+        def tiny(
+            component: str, device: torch.device, dtype: torch.dtype
+        ) -> Iterator[tuple[str, torch.Tensor]]:
+            for key in checkpoint:
+                yield key, _convert(checkpoint[key], device, dtype)
+
+        return dict(config), tiny
     original = any(k.startswith(("encoder.down.", "first_stage_model.")) for k in checkpoint)
     prefix = (
         "first_stage_model." if any(k.startswith("first_stage_model.") for k in checkpoint) else ""

@@ -378,13 +378,24 @@ class UpBlock(nn.Module):
         temb: Tensor,
         context: Tensor,
         size: tuple[int, int] | None,
+        *,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Tensor:
         """``skips`` are this block's skip connections in the order the down path made them;
-        ``size`` is the resolution to upsample to (that of the next skip connection)."""
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
+        ``size`` is the resolution to upsample to (that of the next skip connection).
+
+        Only layers ``start`` to ``stop`` (default: all) run, and the upsampler only when the
+        block runs to its end; layer ``i`` reads ``skips[len(self.resnets) - 1 - i]``, so a
+        block entered part-way needs only the skips its remaining layers read (DeepCache's
+        shallow path, `FeatureCache`)."""
+        count = len(self.resnets)
+        for i in range(start, count if stop is None else stop):
+            x = self.resnets[i](torch.cat([x, skips[count - 1 - i]], dim=1), temb)
             if len(self.attentions):
                 x = self.attentions[i](x, context)
+        if stop is not None:
+            return x
         if self.upsamplers is not None:
             if size is None:
                 raise InvalidArgumentError("an upsampling block needs the size to upsample to")
@@ -620,6 +631,7 @@ class UNet2DCondition(UNetEncoder):
         vector: Tensor | None = None,
         control: ControlResiduals | None = None,
         class_labels: Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> Tensor:
         """Predict for ``sample`` (B, in_channels, h, w) at ``timestep`` (a number, or a 0-d or
         (B,) tensor) given text ``encoder_hidden_states`` (B, tokens, cross_attention_dim).
@@ -631,9 +643,15 @@ class UNet2DCondition(UNetEncoder):
         ``down_block_additional_residuals`` / ``mid_block_additional_residual``.
         ``class_labels`` (B,) ints are required exactly when the config has
         ``num_class_embeds`` (the x4 upscaler: the noise level of its low-resolution input).
+
+        ``cache`` (one sampling run's `FeatureCache`) turns on DeepCache: the whole network
+        runs only when the cache asks for a refresh, and keeps its deep feature; the other
+        evaluations run only the shallow layers on that feature (`FeatureCache`).
         """
         temb = self.embed_time(sample, timestep, vector, class_labels)
         context = encoder_hidden_states
+        if cache is not None and not cache.refresh(sample):
+            return self._shallow(sample, temb, context, control, cache)
         x, skips = self.encode(self.conv_in(sample), temb, context)
         if control is not None:
             if len(control.down) != len(skips):
@@ -662,7 +680,110 @@ class UNet2DCondition(UNetEncoder):
             mine, skips = skips[-per_block:], skips[:-per_block]
             # Upsample to the next skip's size, not 2x, so odd latent sides round-trip exactly.
             size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
-            x = up(x, mine, temb, context, size)
+            if cache is not None and not skips:  # the last up block: keep DeepCache's feature
+                enter = self._cache_entry
+                x = up(x, mine, temb, context, size, stop=enter)
+                cache.keep(x)
+                x = up(x, mine, temb, context, size, start=enter)
+            else:
+                x = up(x, mine, temb, context, size)
 
         out: Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))
         return out
+
+    @property
+    def _cache_entry(self) -> int:
+        """The layer of the last up block that reads skip connection `CACHE_SKIP`: where
+        DeepCache's shallow path re-enters the up half."""
+        return self.config.layers_per_block - CACHE_SKIP
+
+    def _shallow(
+        self,
+        sample: Tensor,
+        temb: Tensor,
+        context: Tensor,
+        control: ControlResiduals | None,
+        cache: FeatureCache,
+    ) -> Tensor:
+        """DeepCache's partial evaluation (Ma et al. 2024, sec. 3): ``conv_in`` and
+        the first `CACHE_SKIP` layers of the first down block make the shallow skip
+        connections; the last up block is entered at the layer that reads the deepest of
+        them, with the cached deep feature in place of the output of everything below."""
+        x = self.conv_in(sample)
+        skips = [x]
+        first = self.down_blocks[0]
+        assert isinstance(first, DownBlock)
+        for j in range(CACHE_SKIP):
+            x = first.resnets[j](x, temb)
+            if len(first.attentions):
+                x = first.attentions[j](x, context)
+            skips.append(x)
+        if control is not None:
+            if len(control.down) != self.skip_count:
+                raise InvalidArgumentError(
+                    f"control has {len(control.down)} skip residuals; this UNet makes "
+                    f"{self.skip_count} skip connections"
+                )
+            # The residuals of the skip connections this path makes: the first ones.
+            skips = [skip + extra for skip, extra in zip(skips, control.down, strict=False)]
+        assert cache.feature is not None  # `refresh` said the cache holds one
+        x = self.up_blocks[-1](cache.feature, skips, temb, context, None, start=self._cache_entry)
+        out: Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return out
+
+
+CACHE_SKIP = 1
+"""DeepCache's skip branch: how many skip connections after ``conv_in``'s the shallow path
+makes. 1 is the branch of the paper's Stable Diffusion results and its code's default
+(``cache_layer_id=0, cache_block_id=0``): ``conv_in``, the first ResNet (and attention) of
+the first down block, and the matching layers at the end of the last up block."""
+
+
+@dataclass(eq=False)
+class FeatureCache:
+    """One sampling run's DeepCache state (Ma et al. 2024, "DeepCache: Accelerating Diffusion
+    Models for Free"): the deep feature of the last full UNet evaluation and when to refresh it.
+
+    Adjacent denoising steps change the UNet's deep features little (the paper's sec. 3), so
+    a full evaluation every ``interval`` evaluations keeps the input of the last up block's
+    layer at skip branch `CACHE_SKIP`, and the evaluations between run only the shallow
+    layers on it (the paper's uniform 1:N strategy). ``interval=1`` refreshes at
+    every evaluation: the plain network, bit for bit.
+
+    Per call, never per pipeline: the loop of one ``generate`` makes one and passes it to
+    every evaluation (pipelines are shared between threads, so nothing is kept on modules).
+    An evaluation whose input differs in shape, dtype or device from the last full one (the
+    guided batch halved outside a guidance interval) refreshes too.
+    """
+
+    interval: int
+    """Evaluations per full UNet evaluation (N of the paper's 1:N)."""
+    feature: Tensor | None = None
+    """The kept deep feature (the last full evaluation's)."""
+    full: int = 0
+    """Full evaluations so far (the deep blocks ran)."""
+    partial: int = 0
+    """Shallow evaluations so far (they read `feature`)."""
+    _since: int = 0
+    _key: tuple[object, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int):
+            raise InvalidArgumentError(f"feature_cache must be an int ≥ 1, got {self.interval!r}")
+        if self.interval < 1:
+            raise InvalidArgumentError(f"feature_cache must be an int ≥ 1, got {self.interval!r}")
+
+    def refresh(self, sample: Tensor) -> bool:
+        """Whether the evaluation of ``sample`` runs the whole network (counted either way)."""
+        key = (tuple(sample.shape), sample.dtype, sample.device)
+        if self.feature is None or key != self._key or self._since >= self.interval:
+            self._key, self._since = key, 1
+            self.full += 1
+            return True
+        self._since += 1
+        self.partial += 1
+        return False
+
+    def keep(self, feature: Tensor) -> None:
+        """Keep a full evaluation's deep feature for the shallow ones that follow."""
+        self.feature = feature
