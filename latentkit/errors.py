@@ -100,3 +100,8 @@ class OutputExistsError(OutputPathError, FileExistsError):
 
 class NonFiniteError(LatentkitError, ArithmeticError):
     """A computation gave NaN or infinity (the message says where, and what to try)."""
+
+
+class MissingDependencyError(LatentkitError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the
+    extra that installs it (``pip install "latentkit[sde]"``)."""

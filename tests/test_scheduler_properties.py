@@ -42,6 +42,12 @@ REPEATS = {
     "unipc": "rounded timesteps of close Karras sigmas may repeat, as in diffusers",
 }
 
+# Samplers with two evaluations per step (every second timestep a midpoint's): the midpoint
+# timestep lies between its step's two up to their rounding to integers (Karras timesteps of
+# the KDPM2 classes, as diffusers rounds them, may repeat too) and to float32 (an ancestral
+# midpoint sqrt(sigma * sigma_down) is sigma_next itself when eta = 1).
+TWO_STAGE = {"dpm2", "dpm2-ancestral", "dpm-solver++-2s-ancestral", "dpm-solver++-2s-sde"}
+
 
 def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A simple deterministic stand-in for a network: smooth in ``x`` and ``t``."""
@@ -97,7 +103,13 @@ def test_timesteps_are_decreasing_training_timesteps(scheduler: Scheduler, steps
     num_train = getattr(scheduler, "num_train_timesteps", 1000)
     assert timesteps.min() >= 0 and timesteps.max() < num_train, timesteps
     taken = timesteps.double().diff()
-    if name in REPEATS:
+    if name in TWO_STAGE:
+        # Each step's first timestep, then its midpoint's, which lies between that step's
+        # two up to rounding (see TWO_STAGE).
+        firsts, mids = timesteps[::2].double(), timesteps[1::2].double()
+        assert (firsts.diff() <= 0).all(), f"{name}: timesteps must not increase: {timesteps}"
+        assert ((mids <= firsts[:-1] + 0.5) & (mids >= firsts[1:] - 0.5)).all(), timesteps
+    elif name in REPEATS:
         assert (taken <= 0).all(), f"{name}: timesteps must not increase: {timesteps}"
     else:
         assert (taken < 0).all(), f"{name}: timesteps must strictly decrease: {timesteps}"

@@ -124,7 +124,9 @@ def _without_defaults_used(config: Mapping[str, Any], carried: dict[str, Any]) -
 from latentkit.schedulers import (  # noqa: E402, F401
     ddim,
     ddpm,
+    dpm2,
     dpm_solver,
+    dpm_solver_2s,
     dpm_solver_singlestep,
     euler,
     euler_ancestral,
@@ -137,8 +139,10 @@ from latentkit.schedulers import (  # noqa: E402, F401
 
 A1111_ALIASES: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     # AUTOMATIC1111 web UI sampler label -> (registered name, preset options), only where
-    # the registration computes the same sampler (diffusers' table of equivalents).
-    # "DPM++ 2S a" and "DPM++ 3M SDE" have no exact counterpart here, so no alias.
+    # the registration computes the same sampler (diffusers' table of equivalents; "DPM++ 2S
+    # a" is k-diffusion's sampler itself). "DPM++ 3M SDE" has no counterpart here, so no
+    # alias. The "<sampler> Karras" labels are A1111's names from before its separate
+    # "Schedule type"; any sigma-based sampler takes that as its schedule option instead.
     "DDIM": ("ddim", {}),
     "PLMS": ("pndm", {}),
     "Euler": ("euler", {}),
@@ -152,11 +156,22 @@ A1111_ALIASES: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "DPM++ 2M SDE Karras": ("dpm-solver++-sde", {"use_karras_sigmas": True}),
     "UniPC": ("unipc", {}),
     "LCM": ("lcm", {}),
+    "DPM2": ("dpm2", {}),
+    "DPM2 Karras": ("dpm2", {"use_karras_sigmas": True}),
+    "DPM2 a": ("dpm2-ancestral", {}),
+    "DPM2 a Karras": ("dpm2-ancestral", {"use_karras_sigmas": True}),
+    "DPM++ SDE": ("dpm-solver++-2s-sde", {}),
+    "DPM++ SDE Karras": ("dpm-solver++-2s-sde", {"use_karras_sigmas": True}),
+    "DPM++ 2S a": ("dpm-solver++-2s-ancestral", {}),
+    "DPM++ 2S a Karras": ("dpm-solver++-2s-ancestral", {"schedule": "karras"}),
+    "DPM++ 2M SDE Exponential": ("dpm-solver++-sde", {"use_exponential_sigmas": True}),
 }
 """The A1111 sampler labels latentkit accepts as scheduler names, and what each means.
 
 ``create("DPM++ 2M Karras")`` is ``create("dpm-solver++", use_karras_sigmas=True)``; labels
-match ignoring case, spaces, underscores and dashes, like names.
+match ignoring case, spaces, underscores and dashes, like names. A1111's separate schedule
+type goes to the ``schedule`` option, in A1111's words or ours:
+``create("Euler a", schedule="SGM Uniform")``.
 """
 
 for _alias, (_name, _preset) in A1111_ALIASES.items():

@@ -31,8 +31,17 @@ BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 """How inference timesteps are picked from the training ones (Lin et al. 2024, Table 2)."""
 
-SigmaSpacing = Literal["table", "karras", "exponential"]
-"""Sigmas read off the training table, Karras sigmas (Karras et al. 2022, eq. 5), or log-uniform ones."""
+Schedule = Literal[
+    "karras", "exponential", "sgm_uniform", "align_your_steps", "align_your_steps_sdxl"
+]
+"""AUTOMATIC1111's schedule types, any sigma-based sampler's ``schedule`` option: Karras sigmas
+(Karras et al. 2022, eq. 5), log-uniform sigmas, sgm's uniform timesteps, or the published
+Align Your Steps tables (Sabour et al. 2024) for Stable Diffusion 1.x and SDXL."""
+
+SigmaSpacing = Literal[
+    "table", "karras", "exponential", "sgm_uniform", "align_your_steps", "align_your_steps_sdxl"
+]
+"""Sigmas read off the training table at the spaced timesteps, or one of the `Schedule` types."""
 
 FinalSigmas = Literal["zero", "sigma_min"]
 """Where the last step of a sigma-based sampler lands: on clean data, or on the smallest trained sigma."""
@@ -147,6 +156,51 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, count: int) -> np.nda
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), count))
 
 
+def sgm_uniform_sigmas(
+    sigma_min: float, sigma_max: float, count: int, *, table: np.ndarray
+) -> np.ndarray:
+    """``count`` sigmas at training timesteps evenly spaced from ``t(sigma_max)`` towards
+    ``t(sigma_min)``: sgm's discretization, A1111's "SGM Uniform".
+
+    ``count + 1`` evenly spaced timesteps are taken and the last (``t(sigma_min)``) dropped,
+    so the final step of a sampler ending at 0 starts one stride above ``sigma_min``. Sigmas
+    between training steps are interpolated linearly in log sigma (k-diffusion's
+    ``t_to_sigma``), the inverse of `sigma_to_t`; ``table`` is the ascending sigma table.
+    """
+    log_table = np.log(table)
+    t_max, t_min = sigma_to_t(np.array([sigma_max, sigma_min]), log_table)
+    return t_to_sigma(np.linspace(t_max, t_min, count + 1)[:-1], log_table)
+
+
+# The published 10-step schedules (NVIDIA's Align Your Steps "how to" page, as A1111's
+# sd_schedulers.py carries them): 11 noise levels, the last the model's smallest sigma.
+# fmt: off
+ALIGN_YOUR_STEPS: dict[str, tuple[float, ...]] = {
+    "align_your_steps":      (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "align_your_steps_sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+# fmt: on
+"""Align Your Steps noise levels (Sabour, Fidler & Kreis 2024) for Stable Diffusion 1.x and SDXL."""
+
+
+def align_your_steps_sigmas(levels: Sequence[float], count: int) -> np.ndarray:
+    """The first ``count`` of ``count + 1`` noise levels resampled from a published Align Your
+    Steps table; a sampler then steps from the last of them to its final sigma (0).
+
+    The table has one level per step boundary, its last the model's smallest sigma, which
+    the final step replaces by 0: 10 steps take the table's first 10 levels, as diffusers'
+    ``AysSchedules`` (whose last entry is 0) and ComfyUI do. Other counts interpolate log
+    sigma linearly over evenly spaced positions (the authors' ``loglinear_interp``). A1111
+    resamples to ``count`` levels instead and appends 0, so its 10 steps interpolate while
+    its 11 steps are the table.
+    """
+    if count + 1 == len(levels):
+        return np.asarray(levels[:-1], dtype=np.float64)
+    positions = np.linspace(0, 1, len(levels))
+    resampled = np.exp(np.interp(np.linspace(0, 1, count + 1), positions, np.log(levels)))
+    return np.asarray(resampled[:-1])
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timesteps of ``sigmas``, by linear interpolation in log sigma.
 
@@ -158,6 +212,14 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     low = np.cumsum(above, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
     return np.asarray((1 - w) * low + w * (low + 1))
+
+
+def t_to_sigma(timesteps: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Sigmas at fractional training timesteps, interpolating ``log_sigmas`` (ascending
+    ``log(sigma(t))`` for ``t = 0 .. N-1``) linearly: the inverse of `sigma_to_t`."""
+    low = np.floor(timesteps).astype(np.int64).clip(0, len(log_sigmas) - 2)
+    w = timesteps - low
+    return np.asarray(np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]))
 
 
 def sigma_table(alphas_cumprod: torch.Tensor, *, zero_terminal_snr: bool = False) -> np.ndarray:
@@ -185,13 +247,19 @@ def sigma_spacing(scheduler: str, *, karras: bool, exponential: bool, beta: bool
 
 
 def respaced_sigmas(
-    spacing: SigmaSpacing, sigma_min: float, sigma_max: float, count: int
+    spacing: SigmaSpacing, sigma_min: float, sigma_max: float, count: int, *, table: np.ndarray
 ) -> np.ndarray | None:
-    """``count`` Karras or log-uniform sigmas from ``sigma_max`` down to ``sigma_min``; None for ``table``."""
+    """``count`` sigmas of the `Schedule` ``spacing`` from ``sigma_max`` down to ``sigma_min``
+    (``table``, the ascending sigma table, places SGM Uniform's timesteps; the Align Your Steps
+    tables have their own ends); None for ``table`` spacing."""
     if spacing == "karras":
         return karras_sigmas(sigma_min, sigma_max, count)
     if spacing == "exponential":
         return exponential_sigmas(sigma_min, sigma_max, count)
+    if spacing == "sgm_uniform":
+        return sgm_uniform_sigmas(sigma_min, sigma_max, count, table=table)
+    if spacing in ALIGN_YOUR_STEPS:
+        return align_your_steps_sigmas(ALIGN_YOUR_STEPS[spacing], count)
     return None
 
 
@@ -203,13 +271,15 @@ def interpolated_schedule(
     count: int,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
+    rounded: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(timesteps, sigmas)`` of the samplers that read sigmas off ``table`` (k-diffusion's discrete schedule).
 
-    Sigmas are interpolated linearly in ``t``; Karras or exponential ``spacing`` replaces them
-    by ``count`` sigmas between the interpolated ends (or ``sigma_min`` / ``sigma_max``) and
-    the timesteps by their fractional positions in the table. Timesteps come back as float32,
-    sigmas as float64 without a final sigma.
+    Sigmas are interpolated linearly in ``t``; a `Schedule` ``spacing`` replaces them by
+    ``count`` sigmas between the interpolated ends (or ``sigma_min`` / ``sigma_max``) and the
+    timesteps by their fractional positions in the table (``rounded`` to integers where
+    diffusers rounds them). Timesteps come back as float32, sigmas as float64 without a
+    final sigma.
     """
     sigmas = np.interp(timesteps, np.arange(len(table)), table)
     respaced = respaced_sigmas(
@@ -217,10 +287,12 @@ def interpolated_schedule(
         sigmas[-1] if sigma_min is None else sigma_min,
         sigmas[0] if sigma_max is None else sigma_max,
         count,
+        table=table,
     )
     if respaced is None:
         return timesteps.astype(np.float32), sigmas
-    return sigma_to_t(respaced, np.log(table)).astype(np.float32), respaced
+    positions = sigma_to_t(respaced, np.log(table))
+    return (np.round(positions) if rounded else positions).astype(np.float32), respaced
 
 
 def init_noise_sigma(sigmas: torch.Tensor, timestep_spacing: TimestepSpacing) -> torch.Tensor:
@@ -590,14 +662,38 @@ class DiscreteScheduler(abc.ABC):
 @dataclass(frozen=True, kw_only=True)
 class TabulatedSigmas(DiscreteScheduler):
     """Base of the schedulers that step through noise levels ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``
-    read off the training table at the spaced timesteps, or respaced between its ends
-    (Karras et al. 2022, eq. 5, or log-uniform) where the subclass has those flags."""
+    read off the training table at the spaced timesteps, or respaced by a `Schedule`: the
+    ``schedule`` option, or diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas``
+    flags where the subclass has them."""
 
     timestep_spacing: TimestepSpacing = "linspace"
+    schedule: Schedule | None = None
+    """A1111's schedule type (``"karras"``, ``"exponential"``, ``"sgm_uniform"``,
+    ``"align_your_steps"``, ``"align_your_steps_sdxl"``; A1111's labels such as
+    ``"SGM Uniform"`` are accepted too, ``"Automatic"`` meaning None). None: the sigma
+    flags decide, else the table's sigmas. When set it replaces those flags: on a class that
+    has them, Karras and exponential are stored as the flags (so ``schedule="karras"``
+    equals ``use_karras_sigmas=True``, and `to_config` stays a diffusers config)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        object.__setattr__(self, "schedule", _schedule_name(self.schedule))
+        super().__post_init__()  # checks the schedule among the choices
+        names = {f.name for f in dataclasses.fields(self)}
+        if self.schedule is not None and {"use_karras_sigmas", "use_exponential_sigmas"} <= names:
+            object.__setattr__(self, "use_karras_sigmas", self.schedule == "karras")
+            object.__setattr__(self, "use_exponential_sigmas", self.schedule == "exponential")
+            if "use_beta_sigmas" in names:
+                object.__setattr__(self, "use_beta_sigmas", False)
+            if self.schedule in ("karras", "exponential"):
+                object.__setattr__(self, "schedule", None)
         self._sigma_spacing()  # checks the flags
+
+    def to_config(self) -> dict[str, Any]:
+        """The diffusers-style config; ``schedule``, which diffusers lacks, only where set."""
+        config = super().to_config()
+        if self.schedule is None:
+            del config["schedule"]
+        return config
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The float32 noise levels of ``steps`` inference steps, plus the final one."""
@@ -614,12 +710,13 @@ class TabulatedSigmas(DiscreteScheduler):
 
     def _sigma_spacing(self) -> SigmaSpacing:
         # Not every diffusers class has these flags (Euler ancestral has none), hence getattr.
-        return sigma_spacing(
+        flags = sigma_spacing(
             self.name,
             karras=bool(getattr(self, "use_karras_sigmas", False)),
             exponential=bool(getattr(self, "use_exponential_sigmas", False)),
             beta=bool(getattr(self, "use_beta_sigmas", False)),
         )
+        return flags if self.schedule is None else self.schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -667,8 +764,10 @@ class SigmaScheduler(TabulatedSigmas):
         return sigma_table(self._alphas_cumprod(), zero_terminal_snr=self.rescale_betas_zero_snr)
 
     def _respaced(self, sigma_min: float, sigma_max: float, count: int) -> np.ndarray | None:
-        # Karras or exponential sigmas between the given ends, or None to keep the table's.
-        return respaced_sigmas(self._sigma_spacing(), sigma_min, sigma_max, count)
+        # The schedule's sigmas between the given ends, or None to keep the table's.
+        return respaced_sigmas(
+            self._sigma_spacing(), sigma_min, sigma_max, count, table=self._sigma_table()
+        )
 
     def _with_final_sigma(self, sigmas: np.ndarray, table: np.ndarray) -> torch.Tensor:
         # Append the last noise level and round to float32.
@@ -678,27 +777,48 @@ class SigmaScheduler(TabulatedSigmas):
 
 @dataclass(frozen=True, kw_only=True)
 class SigmaTableScheduler(VarianceExploding):
-    """Base of the older k-diffusion-style samplers (Euler ancestral, Heun, LMS), whose diffusers
-    classes lack `SigmaScheduler`'s options: sigmas are read off the training table at the
-    spaced timesteps (Karras or exponential where a subclass has those flags) and end at 0.
+    """Base of the older k-diffusion-style samplers (Euler ancestral, Heun, LMS, DPM2, ...), whose
+    diffusers classes lack `SigmaScheduler`'s options: sigmas are read off the training table
+    at the spaced timesteps (or respaced by a `Schedule`) and end at 0.
     """
+
+    rounds_karras_timesteps: ClassVar[bool] = False
+    """Whether the timesteps of Karras sigmas are rounded to integers (diffusers' KDPM2 classes)."""
+    spaces_in_float64: ClassVar[bool] = False
+    """Whether sigmas are read off the table at the float64 spaced timesteps (diffusers'
+    ``DPMSolverSDEScheduler``) rather than at their float32 rounding (the others)."""
 
     def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         # (float32 timesteps, float32 sigmas with the final 0) for an already checked steps.
+        timesteps, sigmas = self._spaced_sigmas(steps)
+        final = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+        return torch.from_numpy(timesteps), final
+
+    def _spaced_sigmas(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        # (float32 timesteps, float64 sigmas without the final 0) for an already checked steps.
         spaced = spaced_timesteps(
             self.timestep_spacing,
             steps,
             num_train_timesteps=self.num_train_timesteps,
             steps_offset=self.steps_offset,
-        ).astype(np.float32)
-        # Not every such scheduler has this option (Heun and LMS do not), hence getattr.
-        zero_snr = bool(getattr(self, "rescale_betas_zero_snr", False))
-        table = sigma_table(self._alphas_cumprod(), zero_terminal_snr=zero_snr)
-        timesteps, sigmas = interpolated_schedule(
-            spaced, table, spacing=self._sigma_spacing(), count=steps
         )
-        final = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
-        return torch.from_numpy(self._within_training_range(timesteps)), final
+        if not self.spaces_in_float64:
+            spaced = spaced.astype(np.float32)
+        spacing = self._sigma_spacing()
+        timesteps, sigmas = interpolated_schedule(
+            spaced,
+            self._sigma_table(),
+            spacing=spacing,
+            count=steps,
+            rounded=spacing == "karras" and self.rounds_karras_timesteps,
+        )
+        return self._within_training_range(timesteps), sigmas
+
+    def _sigma_table(self) -> np.ndarray:
+        # sigma(t) for t = 0 .. N-1 (ascending), float32 as diffusers computes it. Not every
+        # such scheduler has the zero-SNR option (Heun and LMS do not), hence getattr.
+        zero_snr = bool(getattr(self, "rescale_betas_zero_snr", False))
+        return sigma_table(self._alphas_cumprod(), zero_terminal_snr=zero_snr)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -721,6 +841,22 @@ def _choices(cls: type) -> dict[str, tuple[object, ...]]:
         if values and name in {f.name for f in dataclasses.fields(cls)}:
             choices[name] = tuple(values)
     return choices
+
+
+def _schedule_name(value: object) -> object:
+    # A1111's schedule labels ("SGM Uniform", "Align Your Steps", "SGMUniform") to the
+    # option's values, matched ignoring case, spaces, underscores and dashes; "Automatic"
+    # (A1111: the sampler's default) is None. Anything else is left for the choices check.
+    if not isinstance(value, str):
+        return value
+    key = _squeezed(value)
+    if key == "automatic":
+        return None
+    return {_squeezed(name): name for name in typing.get_args(Schedule)}.get(key, value)
+
+
+def _squeezed(label: str) -> str:
+    return "".join(c for c in label.lower() if c not in " _-")
 
 
 def _is_union(hint: object) -> bool:

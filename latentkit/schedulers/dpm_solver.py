@@ -238,7 +238,10 @@ class LogSNRSolver(SigmaScheduler):
             spaced = sigma_to_t(sigmas, np.log(table))
             # diffusers rounds Karras timesteps (multistep DPM-Solver: except for the cosine
             # schedule) and never exponential ones; the int64 cast below then truncates.
-            if self.use_karras_sigmas and self._rounds_karras_timesteps():
+            # SGM Uniform and Align Your Steps, which diffusers lacks (the only schedules left
+            # in ``schedule``: Karras and exponential are stored as the flags), are rounded.
+            rounded = self.use_karras_sigmas and self._rounds_karras_timesteps()
+            if rounded or self.schedule is not None:
                 spaced = np.round(spaced)
         elif self.timestep_spacing == "leading" and steps + 1 > last:
             # The stride last // (steps + 1) is 0: every timestep would be the same.
