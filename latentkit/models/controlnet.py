@@ -11,6 +11,7 @@ the middle block (sec. 3.1, eq. 2: ``y_c = F(x) + Z(F_c(x + Z(c)))``); its outpu
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -143,7 +144,7 @@ class ConditioningEmbedding(nn.Module):
         super().__init__()
         self.conv_in = Conv2d(channels_in, widths[0], kernel_size=3, padding=1)
         self.blocks = nn.ModuleList()
-        for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
+        for c_in, c_out in itertools.pairwise(widths):
             self.blocks.append(Conv2d(c_in, c_in, kernel_size=3, padding=1))
             self.blocks.append(Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=2))
         self.conv_out = Conv2d(widths[-1], channels_out, kernel_size=3, padding=1)
