@@ -85,11 +85,37 @@ def test_eval_prints_a_table_per_run(sd1_path: Path, capsys: pytest.CaptureFixtu
     assert out.count("\n") == 2 + 2 * 2 * 2  # header, rule, 2 schedulers x 2 steps x 2 guidance
 
 
+def test_eval_options_reach_every_generate_call(
+    sd1_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import latentkit.pipelines.base as base
+
+    seen: list[dict[str, object]] = []
+    original = base.LatentDiffusion.generate
+
+    def spy(self: object, prompt: object = None, **options: object) -> object:
+        seen.append(options)
+        return original(self, prompt, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(base.LatentDiffusion, "generate", spy)
+    args = ["eval", "--model", str(sd1_path), "--single", "1", "--two", "1", "--steps", "2"]
+    args += ["--guidance", "3", "--ddpm-steps", "0", "--schedulers", "dpm-solver++"]
+    args += ["--option", "feature_cache=2", "--option", "guidance_interval=(0.5, 5)", "--quiet"]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert "dpm-solver++ 2 steps, cfg 3" in capsys.readouterr().out
+    assert len(seen) == 1  # one run, one batch
+    assert seen[0]["feature_cache"] == 2 and seen[0]["guidance_interval"] == (0.5, 5)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--steps", "1,x"], "--steps and --guidance take comma-separated numbers"),
         (["--batch", "0"], "--batch must be at least 1, got 0"),
+        (["--option", "feature_cache"], "--option takes KEY=VALUE"),
+        (["--option", "feature_cache=two"], "--option takes KEY=VALUE"),
+        (["--option", "feature_cache=0"], "feature_cache must be an int"),
+        (["--option", "cache=2"], "unknown keyword 'cache'"),
     ],
 )
 def test_eval_errors_are_one_line_on_stderr(

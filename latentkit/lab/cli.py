@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM steps (0 skips DDPM)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch", type=int, default=16, help="prompts generated together")
+    ev.add_argument(
+        "--schedulers", default="ddim,dpm-solver++", help="schedulers run at each step count"
+    )
+    ev.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a generate() keyword for every run, VALUE a Python literal "
+        "(e.g. feature_cache=3, 'guidance_interval=(0.28, 5.42)'); repeatable",
+    )
+    ev.add_argument("--vae", help="load_pipeline's vae=: another autoencoder (e.g. a TAESD folder)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
@@ -56,14 +69,48 @@ def _evaluate(args: argparse.Namespace) -> int:
         ) from e
     if args.batch < 1:
         raise InvalidArgumentError(f"--batch must be at least 1, got {args.batch}")
+    options = _options(args.option)
     prompts = held_out_prompts(args.seed, n_single=args.single, n_two=args.two)
-    runs = evaluation.default_runs(steps=steps, guidance=guidance, ddpm_steps=args.ddpm_steps)
-    pipe = load_pipeline(args.model, device=args.device, progress=not args.quiet)
+    runs = evaluation.default_runs(
+        steps=steps,
+        guidance=guidance,
+        ddpm_steps=args.ddpm_steps,
+        schedulers=[s for s in args.schedulers.split(",") if s],
+    )
+    pipe = load_pipeline(args.model, device=args.device, progress=not args.quiet, vae=args.vae)
     reports = evaluation.sampler_grid(
-        pipe, prompts, runs, seed=args.seed, batch=args.batch, progress=not args.quiet
+        pipe,
+        prompts,
+        runs,
+        seed=args.seed,
+        batch=args.batch,
+        progress=not args.quiet,
+        options=options,
     )
     print(evaluation.format_table(reports))
     return 0
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` flags as generate keywords (the values Python literals)."""
+    import ast
+
+    from latentkit.errors import InvalidArgumentError
+    from latentkit.request import Request
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError("no '='")
+            options[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError) as e:
+            raise InvalidArgumentError(
+                f"--option takes KEY=VALUE with VALUE a Python literal, got {pair!r} ({e})"
+            ) from e
+    Request.create("a red circle", **options)  # unknown keywords and bad values: now
+    return options
 
 
 if __name__ == "__main__":

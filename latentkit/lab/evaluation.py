@@ -402,10 +402,12 @@ def sampler_grid(
     seed: int = 0,
     batch: int = 16,
     progress: bool = True,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Report]:
     """Generate every prompt once per ``(scheduler, steps, guidance_scale)`` run and evaluate.
 
-    Image ``i`` uses seed ``seed + i`` in every run, so runs differ only in the sampler.
+    Image ``i`` uses seed ``seed + i`` in every run, so runs differ only in the sampler;
+    ``options`` are more ``generate`` keywords for every run (``feature_cache=3``, ...).
     """
     from tqdm.auto import tqdm
 
@@ -422,6 +424,7 @@ def sampler_grid(
                 guidance_scale=guidance,
                 seed=[seed + start + i for i in range(len(chunk))],
                 progress=False,
+                **(options or {}),
             )
             images += result.images
         reports[f"{scheduler} {steps} steps, cfg {guidance:g}"] = evaluate(
@@ -435,11 +438,13 @@ def default_runs(
     steps: Sequence[int] = (5, 10, 20, 50),
     guidance: Sequence[float] = (1.0, 3.0, 7.5),
     ddpm_steps: int = 1000,
+    schedulers: Sequence[str] = ("ddim", "dpm-solver++"),
 ) -> list[tuple[str, int, float]]:
-    """The grid of the docs' table: DDPM at ``ddpm_steps``, DDIM and DPM-Solver++ at each of ``steps``."""
+    """The grid of the docs' table: DDPM at ``ddpm_steps``, each of ``schedulers`` (DDIM and
+    DPM-Solver++) at each of ``steps``."""
     runs: list[tuple[str, int, float]] = []
     for g in guidance:
         if ddpm_steps:
             runs.append(("ddpm", ddpm_steps, g))
-        runs += [(name, n, g) for name in ("ddim", "dpm-solver++") for n in steps]
+        runs += [(name, n, g) for name in schedulers for n in steps]
     return runs
