@@ -13,15 +13,26 @@ from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
+    from latentkit import __version__
     from latentkit.api import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
         prog="latentkit", description="Latent diffusion image generation."
     )
+    parser.add_argument("--version", action="version", version=f"latentkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (or -p/--prompt)")
+    gen.add_argument("-p", "--prompt", dest="prompt_flag", default=None, help="the prompt")
+    gen.add_argument(
+        "--params-from",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="take the prompt, seed, sampler, steps, size, ... from a PNG's A1111 parameters "
+        "(latentkit's or A1111's); other flags given override them",
+    )
     gen.add_argument(
         "-o",
         "--output",
@@ -49,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         help="classifier-free guidance scale (default: the model's recommendation, else 7.5)",
     )
     gen.add_argument(
+        "-s",
         "--seed",
         type=int,
         default=None,
@@ -56,8 +68,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-W", "--width", type=int, default=None)
     gen.add_argument("-H", "--height", type=int, default=None)
-    gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("-n", "--num-images", type=int, default=1)
+    gen.add_argument("--negative-prompt", "--negative", dest="negative", default=None)
+    gen.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt")
+    gen.add_argument("--negative-prompt-2", default=None, help="SDXL: its negative prompt")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="add a LoRA (file, folder or Hub repo) at SCALE (default 1); repeatable",
+    )
+    gen.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="PATH[:TOKEN]",
+        help="add a textual-inversion embedding under TOKEN (default: its own); repeatable",
+    )
+    gen.add_argument(
+        "--vae", default=None, help="swap the autoencoder (folder, Hub repo or single file)"
+    )
+    gen.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction", "sample"],
+        default=None,
+        help="what a single-file checkpoint predicts, where its tensors cannot tell (SD 2.x)",
+    )
+    gen.add_argument(
+        "--allow-pickle", action="store_true", help="read pickle (.ckpt/.bin) files you trust"
+    )
     gen.add_argument(
         "--image", type=Path, default=None, help="start from this image (image-to-image)"
     )
@@ -126,6 +166,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    gen.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); on a shared machine use the cores that "
+        "are free: oversubscribed OpenMP threads spin",
+    )
     speed = gen.add_argument_group("speed and memory (see docs/performance.md)")
     speed.add_argument(
         "--autocast",
@@ -294,16 +341,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from latentkit import images
     from latentkit.api import load_pipeline
-    from latentkit.errors import InvalidArgumentError
+    from latentkit.errors import InvalidArgumentError, OutputExistsError
     from latentkit.performance import Performance
     from latentkit.results import output_paths
 
     output: Path = args.output
+    if args.prompt is not None and args.prompt_flag is not None:
+        raise InvalidArgumentError("give the prompt once: positionally or with -p/--prompt")
+    options = _params_from(args.params_from) if args.params_from is not None else {}
+    prompt = args.prompt if args.prompt is not None else args.prompt_flag
+    prompt = prompt if prompt is not None else options.pop("prompt", None)
+    options.pop("prompt", None)
+    if prompt is None:
+        raise InvalidArgumentError("no prompt: give one (or -p/--prompt, or --params-from PNG)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidArgumentError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    loras = [_split(v, "--lora", float) for v in args.lora]
+    embeddings = [_split(v, "--embedding", str) for v in args.embedding]
     if output.suffix.lower() != ".png":
         raise InvalidArgumentError(
             f"output must be a .png file (it carries the parameters), got {output}"
         )
-    output_paths(output, args.num_images, overwrite=args.overwrite)  # fail before loading
+    try:
+        output_paths(output, args.num_images, overwrite=args.overwrite)  # fail before loading
+    except OutputExistsError as e:
+        # The message a Python caller reads names overwrite=True; here the flag is the way.
+        raise OutputExistsError(str(e).replace("overwrite=True", "--overwrite"), path=e.path) from e
     if args.mask is not None and args.image is None:
         raise InvalidArgumentError("--mask needs --image (the picture to inpaint)")
     if args.outpaint is not None and args.image is None:
@@ -333,18 +400,35 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         progress=not args.quiet,
         performance=performance,
+        vae=args.vae,
+        prediction_type=args.prediction_type,
+        allow_pickle=args.allow_pickle,
     )
+    for source, scale in loras:
+        pipe = pipe.with_lora(
+            source, scale=1.0 if scale is None else scale, allow_pickle=args.allow_pickle
+        )
+    for source, token in embeddings:
+        pipe = pipe.with_embedding(source, token=token, allow_pickle=args.allow_pickle)
     for source in args.controlnet:
         pipe = pipe.with_controlnet(source, progress=not args.quiet)
+    given = {
+        "negative_prompt": args.negative,
+        "prompt_2": args.prompt_2,
+        "negative_prompt_2": args.negative_prompt_2,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "scheduler": args.scheduler,
+        "seed": args.seed,
+        "height": args.height,
+        "width": args.width,
+        "clip_skip": args.clip_skip,
+    }
+    # Flags given win over the PNG's parameters.
+    options.update({k: v for k, v in given.items() if v is not None})
     result = pipe.generate(
-        args.prompt,
-        negative_prompt=args.negative,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        scheduler=args.scheduler,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
+        prompt,
+        **options,
         num_images=args.num_images,
         progress=not args.quiet,
         image=opened["--image"],
@@ -352,12 +436,31 @@ def _generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         depth_map=opened["--depth"],
         outpaint=args.outpaint,
-        clip_skip=args.clip_skip,
         **control,
     )
     for path in result.save(output, overwrite=args.overwrite):
         print(path)
     return 0
+
+
+def _split(value: str, flag: str, kind: type[Any]) -> tuple[str, Any]:
+    """``PATH[:X]`` → (PATH, X or None); a colon in a Windows drive or a path stays in it."""
+    from latentkit.errors import InvalidArgumentError
+
+    path, sep, tail = value.rpartition(":")
+    if not sep or not path or "/" in tail or "\\" in tail or Path(value).exists():
+        return value, None
+    try:
+        return path, kind(tail)
+    except ValueError as e:
+        raise InvalidArgumentError(f"{flag} {value!r}: {tail!r} is not a valid value") from e
+
+
+def _params_from(path: Path) -> dict[str, Any]:
+    """``generate`` keywords from a PNG's A1111 parameters (see `GenerationParameters`)."""
+    from latentkit.results import GenerationParameters
+
+    return GenerationParameters.from_png(path).to_options()
 
 
 def _control_options(args: argparse.Namespace) -> dict[str, Any]:

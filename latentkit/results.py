@@ -53,7 +53,12 @@ class GenerationParameters:
     strength: float | None = None
     """Denoising strength of image-to-image and inpainting (None for text-to-image)."""
     clip_skip: int | None = None
+    """Layers skipped before the usual one, latentkit's and diffusers' count (1 = the
+    penultimate layer); written in A1111's count, one more (``Clip skip: 2``)."""
     guidance_rescale: float = 0.0
+    extras: tuple[tuple[str, str], ...] = ()
+    """Further A1111 fields, in order: ``Schedule type``, ``Eta``, ``Model hash``,
+    ``Lora hashes``, ``TI hashes``, ``Version``, ... (and any field a read text had)."""
 
     def a1111(self) -> str:
         """The ``parameters`` text A1111-compatible tools read from a PNG.
@@ -82,14 +87,59 @@ class GenerationParameters:
         if self.strength is not None:
             fields.append(("Denoising strength", _number(self.strength)))
         if self.clip_skip is not None:
-            fields.append(("Clip skip", str(self.clip_skip)))
+            fields.append(("Clip skip", str(self.clip_skip + 1)))  # A1111 counts from 1
         if self.guidance_rescale:
             fields.append(("Guidance rescale", _number(self.guidance_rescale)))
+        fields += [(key, _quote(value)) for key, value in self.extras]
+        # A1111 writes no negative line for an empty negative prompt.
+        negative = (
+            f"{NEGATIVE_LABEL} {_prompt_text(self.negative_prompt)}\n"
+            if self.negative_prompt
+            else ""
+        )
         return (
             f"{_prompt_text(self.prompt)}\n"
-            f"{NEGATIVE_LABEL} {_prompt_text(self.negative_prompt)}\n"
+            + negative
             + ", ".join(f"{key}: {value}" for key, value in fields)
         )
+
+    @classmethod
+    def from_png(cls, path: str | os.PathLike[str]) -> GenerationParameters:
+        """The parameters a PNG carries (its ``parameters`` text, written by latentkit or
+        A1111); `InvalidArgumentError` if it has none."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                text = getattr(image, "text", {}).get("parameters")
+        except (OSError, UnidentifiedImageError) as e:
+            raise InvalidArgumentError(f"{path}: cannot read it as a PNG ({e})") from e
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"{path} carries no 'parameters' text")
+        return cls.from_a1111(text)
+
+    def to_options(self) -> dict[str, Any]:
+        """``generate`` keywords that regenerate this image with the same model (A1111's
+        sampler and schedule labels mapped to latentkit's schedulers). Image inputs are not
+        in the text: an image-to-image PNG's ``strength`` is dropped."""
+        from latentkit import schedulers
+
+        extras = dict(self.extras)
+        options: dict[str, Any] = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "scheduler": schedulers.from_a1111_label(self.scheduler, extras.get("Schedule type")),
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "width": self.width,
+            "height": self.height,
+        }
+        if self.clip_skip is not None:
+            options["clip_skip"] = self.clip_skip
+        if self.guidance_rescale:
+            options["guidance_rescale"] = self.guidance_rescale
+        return options
 
     @classmethod
     def from_a1111(cls, text: str) -> GenerationParameters:
@@ -161,12 +211,28 @@ class GenerationParameters:
             strength=number("Denoising strength", float)
             if "Denoising strength" in fields
             else None,
-            clip_skip=number("Clip skip", int) if "Clip skip" in fields else None,
+            clip_skip=number("Clip skip", int) - 1 if "Clip skip" in fields else None,
             guidance_rescale=number("Guidance rescale", float)
             if "Guidance rescale" in fields
             else 0.0,
+            extras=tuple((k, v) for k, v in fields.items() if k not in _CORE_FIELDS),
         )
 
+
+_CORE_FIELDS = frozenset(
+    {
+        "Steps",
+        "Sampler",
+        "CFG scale",
+        "Seed",
+        "Size",
+        "Model",
+        "Denoising strength",
+        "Clip skip",
+        "Guidance rescale",
+    }
+)
+"""The fields `GenerationParameters` has attributes for; the others go to ``extras``."""
 
 NEGATIVE_LABEL = "Negative prompt:"
 """The start of the line of the negative prompt in A1111's ``parameters`` text."""

@@ -46,7 +46,8 @@ def test_generate_writes_png_with_parameters(
     assert image.size == (32, 16)
     assert image.text["parameters"] == (
         "a red cat\nNegative prompt: blurry\n"
-        f"Steps: 3, Sampler: ddim, CFG scale: 6, Seed: 11, Size: 32x16, Model: {sd1_path}"
+        "Steps: 3, Sampler: DDIM, CFG scale: 6, Seed: 11, Size: 32x16, Model: sd1, "
+        "Version: latentkit 0.1.0"
     )
     captured = capsys.readouterr()
     assert captured.err == ""  # --quiet: no progress bars

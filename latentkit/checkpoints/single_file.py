@@ -194,6 +194,7 @@ def parts(
             encoders=encoders,
             tensors=tensors,
             tokenizer=tokenizer,
+            file=path,
         ),
         FAMILY_NAMES[detected.family],
     )

@@ -83,12 +83,10 @@ class AdapterRecord:
         """The file's name without its ending (A1111 names LoRAs and embeddings so)."""
         return self.token or self.path.stem
 
-    @functools.cached_property
+    @property
     def hash(self) -> str:
         """The first 12 hex digits of the file's sha256 (A1111's short hash)."""
-        from latentkit.checkpoints.single_file import file_hash
-
-        return file_hash(self.path)[:12]
+        return _short_hash(self.path, 12)
 
 
 @dataclass(frozen=True)
@@ -109,6 +107,8 @@ class Parts:
     """The tokenizer of a text encoder component."""
     depth: Callable[[torch.device, torch.dtype], DepthConditioner] | None = None
     """Builds the depth estimator of a depth-to-image model."""
+    file: Path | None = None
+    """The single checkpoint file the parts come from, if they do."""
 
     @classmethod
     def from_files(cls, files: ModelFiles, *, family: type[Family]) -> Parts:
@@ -249,6 +249,8 @@ class LatentDiffusion:
     defaults: dict[str, float] = dataclasses.field(default_factory=dict)
     """The model's recommended ``steps`` / ``guidance_scale`` (``_latentkit_defaults`` in
     ``model_index.json``), used when `generate` is not given them."""
+    model_file: Path | None = None
+    """The single checkpoint file the model was loaded from (for the PNG's ``Model hash``)."""
     adapters: tuple[AdapterRecord, ...] = ()
     """LoRAs and embeddings added with `with_lora` / `with_embedding`, in order (for the
     PNG's ``Lora hashes`` / ``TI hashes``)."""
@@ -394,6 +396,7 @@ class LatentDiffusion:
             device=dev,
             dtype=dt,
             name=parts.name,
+            model_file=parts.file,
             spec=family,
             config=model_index,
             depth=depth,
@@ -742,24 +745,54 @@ class LatentDiffusion:
                 elif request.output_type == "pt":
                     outputs = torch.stack(outputs)
         strength = None if inputs is None else inputs.strength
+        sampler, schedule = schedulers.a1111_label(sched)
+        extras = self._extras(schedule, sched)
         params = [
             GenerationParameters(
                 prompt=prompts[0][i // request.num_images],
                 negative_prompt=negatives[0][i // request.num_images],
                 steps=steps,
-                scheduler=request.scheduler if isinstance(request.scheduler, str) else sched.name,
+                scheduler=sampler,
                 guidance_scale=guidance,
                 seed=seeds[i],
                 width=width,
                 height=height,
-                model=self.name,
+                model=self.model_name,
                 strength=strength if request.denoising_start is None else None,
                 clip_skip=request.clip_skip,
                 guidance_rescale=request.guidance_rescale,
+                extras=extras,
             )
             for i in range(batch)
         ]
         return GenerationResult(images=outputs, parameters=params)
+
+    @property
+    def model_name(self) -> str:
+        """The model as A1111 names it in PNGs: a Hub id as it is, a local file or folder by
+        its name (no path, no ending)."""
+        path = Path(self.name).expanduser()
+        return path.stem if path.exists() else self.name
+
+    def _extras(self, schedule: str | None, sched: Scheduler) -> tuple[tuple[str, str], ...]:
+        """The A1111 fields after the core ones: schedule type, eta, model and adapter
+        hashes, version (what A1111 needs to reproduce the image, in its spelling)."""
+        from latentkit import __version__
+
+        extras: list[tuple[str, str]] = []
+        if schedule is not None:
+            extras.append(("Schedule type", schedule))
+        eta = getattr(sched, "eta", None)
+        if isinstance(eta, float) and eta:
+            extras.append(("Eta", f"{eta:g}"))
+        if self.model_file is not None:
+            extras.append(("Model hash", _short_hash(self.model_file, 10)))
+        for kind, label in (("lora", "Lora hashes"), ("embedding", "TI hashes")):
+            named = [f"{a.name}: {a.hash}" for a in self.adapters if a.kind == kind]
+            if named:
+                extras.append((label, ", ".join(named)))
+        extras.append(("Version", f"latentkit {__version__}"))
+        return tuple(extras)
 
     # ---- the steps of a call, in order
 
@@ -1328,6 +1361,19 @@ class _PipelineAutoencoder:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.pipe.vae.decode(latents.to(self.pipe._vae_dtype)).to(self.pipe.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_hash(path: Path, size: int, modified: float) -> str:
+    from latentkit.checkpoints.single_file import file_hash
+
+    return file_hash(path)
+
+
+def _short_hash(path: Path, digits: int) -> str:
+    """The first ``digits`` hex digits of a file's sha256, computed once per file version."""
+    stat = path.stat()
+    return _file_hash(path, stat.st_size, stat.st_mtime)[:digits]
 
 
 def _parse(parts: Parts, component: str, parse: Callable[[Mapping[str, Any]], T]) -> T:

@@ -178,6 +178,38 @@ for _alias, (_name, _preset) in A1111_ALIASES.items():
     registry.alias(_alias, _name, **_preset)
 
 
+SCHEDULE_LABELS = {
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "align_your_steps": "Align Your Steps",
+    "align_your_steps_sdxl": "Align Your Steps",
+}
+"""A1111's "Schedule type" labels of the ``schedule`` values."""
+
+
+def a1111_label(scheduler: Scheduler) -> tuple[str, str | None]:
+    """The A1111 ``Sampler`` label of ``scheduler`` and its ``Schedule type`` (None for the
+    sampler's own), as A1111 writes them into PNGs; a sampler A1111 lacks keeps its name."""
+    labels = [a for a, (t, preset) in A1111_ALIASES.items() if t == scheduler.name and not preset]
+    schedule = getattr(scheduler, "schedule", None)
+    if schedule is None and getattr(scheduler, "use_karras_sigmas", False):
+        schedule = "karras"
+    if schedule is None and getattr(scheduler, "use_exponential_sigmas", False):
+        schedule = "exponential"
+    return (labels[0] if labels else scheduler.name), (
+        None if schedule is None else SCHEDULE_LABELS.get(str(schedule), str(schedule))
+    )
+
+
+def from_a1111_label(sampler: str, schedule: str | None = None) -> Scheduler:
+    """The scheduler an A1111 ``Sampler`` label (and ``Schedule type``) names; A1111's
+    "Automatic" schedule is the sampler's own."""
+    if schedule is not None and schedule.strip().lower() != "automatic":
+        return create(sampler, schedule=schedule)
+    return create(sampler)
+
+
 def aliases(name: str) -> list[str]:
     """The A1111 labels that resolve to the registered scheduler ``name``."""
     key, _ = registry.resolve(name)
@@ -186,9 +218,12 @@ def aliases(name: str) -> list[str]:
 
 __all__ = [
     "A1111_ALIASES",
+    "SCHEDULE_LABELS",
+    "a1111_label",
     "aliases",
     "create",
     "for_model",
+    "from_a1111_label",
     "from_config",
     "names",
     "options",
