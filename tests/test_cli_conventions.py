@@ -179,6 +179,7 @@ def test_every_request_keyword_is_a_flag_or_python_only() -> None:
         "guidance_rescale",
         "noise_level",
         "guidance_interval",
+        "feature_cache",
     }
     generate = next(
         a
