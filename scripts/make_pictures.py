@@ -13,6 +13,10 @@ shows what the change did. Labels are drawn with Pillow's built-in font.
   at rising ``strength``.
 - ``inpainting.png``: a picture, the mask, and the masked part repainted under another
   prompt (the shapes model is not an inpainting model: it inpaints by blending).
+- ``outpainting.png``: a picture, the canvas outpainting starts from (the picture's edges
+  repeated into 32-pixel margins left and right, the repainted area outlined), and the
+  margins generated for three seeds (by blending: the picture's pixels come back unchanged
+  apart from an 8-pixel seam).
 - ``depth.png``: what a depth-to-image model reads: a picture, a depth map for it, and the
   map as the UNet's extra input channel (resized to the latents and scaled to [-1, 1] by
   ``latentkit.conditioners.DepthConditioner``). No depth model ships with latentkit, so the
@@ -189,10 +193,55 @@ def depth(pipe: latentkit.Pipeline, out: Path, *, quick: bool) -> None:
     )
 
 
+def outpainting(pipe: latentkit.Pipeline, out: Path, *, quick: bool) -> None:
+    from latentkit.outpainting import extend
+
+    steps = 5 if quick else 20
+    source = pipe.generate(PROMPT, steps=steps, seed=SEED, progress=False).images[0]
+    margins = (32, 0, 32, 0)
+    pixels = torch.from_numpy(np.asarray(source.convert("RGB"), dtype=np.float32) / 127.5 - 1)
+    grown = extend(pixels.permute(2, 0, 1)[None], margins)
+    canvas = ((grown.canvas[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    start = Image.fromarray(canvas)
+    # Outline the repainted area: the margins and the seam (the mask's columns).
+    columns = np.flatnonzero(grown.mask[0, 0, 0].numpy() > 0)
+    runs = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+    outline = ImageDraw.Draw(start)
+    for run in runs:
+        outline.rectangle((run[0], 0, run[-1], start.height - 1), outline=(255, 160, 0))
+    results = [
+        pipe.generate(
+            PROMPT, image=source, outpaint=margins, steps=steps, seed=seed, progress=False
+        ).images[0]
+        for seed in (SEED, SEED + 1, SEED + 2)
+    ]
+    wide = (start.width, start.height)
+    face = font()
+    top, gap = 16, PAD
+    width = PAD + CELL + 2 * gap + len([start, *results]) * (wide[0] + gap)
+    sheet = Image.new("RGB", (width, top + CELL + 2 * PAD), WHITE)
+    pen = ImageDraw.Draw(sheet)
+    x = PAD
+    labels = ["picture", "start", f"seed {SEED}", str(SEED + 1), str(SEED + 2)]
+    for image, label in zip([source, start, *results], labels, strict=True):
+        sheet.paste(image.convert("RGB"), (x, top + PAD))
+        pen.rectangle(
+            (x - 1, top + PAD - 1, x + image.width, top + PAD + image.height), outline=FRAME
+        )
+        pen.text((x + 2, 3), label, fill=INK, font=face)
+        x += image.width + gap + (gap if image is source else 0)
+    save(
+        sheet,
+        out / "outpainting.png",
+        f"{MODEL}: {PROMPT!r} outpainted by {margins} (left, top, right, bottom), {steps} steps",
+    )
+
+
 PICTURES: dict[str, Callable[..., None]] = {
     "samplers": samplers,
     "image-to-image": image_to_image,
     "inpainting": inpainting,
+    "outpainting": outpainting,
     "depth": depth,
 }
 

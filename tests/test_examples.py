@@ -30,12 +30,16 @@ EXAMPLES = {
     "fast_generation.py": ["fast_generation-plain.png", "fast_generation-fast.png"],
     "sdxl.py": ["sdxl.png"],
     "controlnet.py": ["controlnet-source.png", "controlnet.png"],
+    "upscale.py": ["upscale.png"],  # --size is the output's: the input is 8x8
+    "outpaint.py": ["outpaint.png"],  # --size is the widened canvas's
 }
 # The tiny model each example runs on (fixtures in conftest.py); the rest use "sd1_path".
 MODELS = {
     "inpainting.py": "inpaint_path",
     "depth_to_image.py": "depth_path",
     "sdxl.py": "sdxl_path",
+    "upscale.py": "upscale_path",
+    "outpaint.py": "inpaint_path",
 }
 # Further model arguments an example takes: option -> fixture.
 MORE_MODELS = {
