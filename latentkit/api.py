@@ -17,7 +17,7 @@ from latentkit.devices import resolve_device, resolve_dtype
 from latentkit.errors import InvalidArgumentError, ModelNotFoundError
 from latentkit.performance import Performance, Runtime
 from latentkit.pipelines import LatentDiffusion, detect
-from latentkit.pipelines.base import Parts
+from latentkit.pipelines.parts import Parts
 from latentkit.protocols import PredictionType
 from latentkit.request import Request
 from latentkit.results import GenerationResult

@@ -128,7 +128,7 @@ def parts(
     """
     from latentkit.models.autoencoder import AutoencoderKLConfig
     from latentkit.models.unet import UNetConfig
-    from latentkit.pipelines.base import Parts
+    from latentkit.pipelines.parts import Parts
 
     checkpoint = Checkpoint(path, allow_pickle=allow_pickle)
     detected = detect_layout(checkpoint.shapes)

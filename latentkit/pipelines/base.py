@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,25 +31,28 @@ from latentkit.conditioners.text import TextConditioner, TextEmbeddings, encode_
 from latentkit.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from latentkit.errors import (
     InvalidArgumentError,
-    LatentkitError,
-    MissingComponentError,
     NonFiniteError,
     UnsupportedModelError,
 )
 from latentkit.guidance import guidance_gate
-from latentkit.loading import ModelFiles, load_into, progress_bars, read_state_dict
+from latentkit.loading import ModelFiles, load_into, progress_bars
 from latentkit.models.unet import FeatureCache
 from latentkit.noise import first_generator, randn
 from latentkit.outpainting import Outpaint, check_margins, extend
 from latentkit.performance import Performance, Runtime
 from latentkit.pipelines.family import Family
+from latentkit.pipelines.parts import (
+    AdapterRecord,
+    Parts,
+    parse_config,
+    short_hash,
+)
 from latentkit.pipelines.sd import StableDiffusionFamily
 from latentkit.protocols import Generators, Scheduler, Seeds
 from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int, is_real, limits
 from latentkit.results import GenerationParameters, GenerationResult, to_output
 from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
 from latentkit.tiles import map_tiles
-from latentkit.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
     from latentkit.models.autoencoder import AutoencoderKL
@@ -64,93 +66,6 @@ T = TypeVar("T")
 
 DEFAULT_STEPS = 50
 """Denoising steps when neither the caller nor the model says (diffusers' default)."""
-
-TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
-"""The text encoders a model folder may have, in the order their states are concatenated."""
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """A LoRA or an embedding added to a pipeline, as the PNG metadata names it."""
-
-    kind: Literal["lora", "embedding"]
-    path: Path
-    scale: float | None = None
-    token: str | None = None
-
-    @property
-    def name(self) -> str:
-        """The file's name without its ending (A1111 names LoRAs and embeddings so)."""
-        return self.token or self.path.stem
-
-    @property
-    def hash(self) -> str:
-        """The first 12 hex digits of the file's sha256 (A1111's short hash)."""
-        return _short_hash(self.path, 12)
-
-
-@dataclass(frozen=True)
-class Parts:
-    """A model's parts, however they are stored (a diffusers folder, a single checkpoint)."""
-
-    name: str
-    """The source as the user gave it, for messages and metadata."""
-    model_index: Mapping[str, Any]
-    configs: Mapping[str, Mapping[str, Any]]
-    """Diffusers configs by component: ``unet``, ``vae``, ``scheduler``, each text encoder's,
-    and any the family lists in ``extra_configs``."""
-    encoders: tuple[str, ...]
-    """The text encoder components present (``text_encoder``, ``text_encoder_2``), in order."""
-    tensors: Callable[[str, torch.device, torch.dtype], Iterable[tuple[str, torch.Tensor]]]
-    """A component's tensors, named as its module's parameters, streamed one at a time."""
-    tokenizer: Callable[[str], CLIPTokenizer]
-    """The tokenizer of a text encoder component."""
-    depth: Callable[[torch.device, torch.dtype], DepthConditioner] | None = None
-    """Builds the depth estimator of a depth-to-image model."""
-    file: Path | None = None
-    """The single checkpoint file the parts come from, if they do."""
-
-    @classmethod
-    def from_files(cls, files: ModelFiles, *, family: type[Family]) -> Parts:
-        """The parts of a diffusers folder (resolved by `latentkit.loading.resolve`)."""
-        from latentkit.models.autoencoder import rename_legacy_key
-        from latentkit.models.text_encoder import rename_checkpoint_key
-
-        model_index = files.model_index()
-        for component in ("unet", "vae", *(e for e, _ in TEXT_COMPONENTS)):
-            listed = model_index.get(component)
-            if isinstance(listed, list) and listed[:1] != [None] and component not in files.weights:
-                raise MissingComponentError(
-                    f"{files.name}: model_index.json lists {component} but its files are missing"
-                )
-        encoders = tuple(e for e, _ in TEXT_COMPONENTS if e in files.weights)
-        folders = dict(TEXT_COMPONENTS)
-        renames = {"vae": rename_legacy_key, **{e: rename_checkpoint_key for e in encoders}}
-
-        def tensors(
-            component: str, device: torch.device, dtype: torch.dtype
-        ) -> Iterator[tuple[str, torch.Tensor]]:
-            rename = renames.get(component, lambda k: k)
-            return read_state_dict(
-                files.weights[component], device=device, dtype=dtype, rename=rename
-            )
-
-        return cls(
-            name=files.name,
-            model_index=model_index,
-            configs={c: files.config(c) for c in ("unet", "vae", *encoders, *family.extra_configs)}
-            | {"scheduler": _scheduler_config(files)},
-            encoders=encoders,
-            tensors=tensors,
-            # latentkit's own CLIP tokenizer: the same ids as transformers', without
-            # importing transformers (most of a small model's load time).
-            tokenizer=lambda e: CLIPTokenizer.from_pretrained(files.root / folders[e]),
-            depth=(
-                (lambda device, dtype: _load_depth_estimator(files, device, dtype))
-                if "depth_estimator" in files.weights
-                else None
-            ),
-        )
 
 
 @dataclass(frozen=True)
@@ -332,8 +247,8 @@ class LatentDiffusion:
         home = runtime.storage_device  # the CPU when offloading, else the device
         scheduler_config = dict(parts.configs["scheduler"])
         scheduler = schedulers.from_config(scheduler_config)
-        unet_config = _parse(parts, "unet", UNetConfig.from_dict)
-        vae_config = _parse(parts, "vae", autoencoder_config)  # KL, or TAESD's tiny one
+        unet_config = parse_config(parts, "unet", UNetConfig.from_dict)
+        vae_config = parse_config(parts, "vae", autoencoder_config)  # KL, or TAESD's tiny one
         if runtime.tiling is not None and isinstance(vae_config, AutoencoderTinyConfig):
             raise InvalidArgumentError(
                 f"{parts.name}: vae_tiling works with the KL autoencoder only; the tiny "
@@ -357,7 +272,7 @@ class LatentDiffusion:
                 unet = UNet2DCondition(unet_config)
                 vae = build_autoencoder(vae_config)
                 encoders = [
-                    CLIPTextEncoder(_parse(parts, e, CLIPTextConfig.from_dict))
+                    CLIPTextEncoder(parse_config(parts, e, CLIPTextConfig.from_dict))
                     for e in parts.encoders
                 ]
             load_into(unet, parts.tensors("unet", home, dt), name="unet")
@@ -786,7 +701,7 @@ class LatentDiffusion:
         if isinstance(eta, float) and eta:
             extras.append(("Eta", f"{eta:g}"))
         if self.model_file is not None:
-            extras.append(("Model hash", _short_hash(self.model_file, 10)))
+            extras.append(("Model hash", short_hash(self.model_file, 10)))
         for kind, label in (("lora", "Lora hashes"), ("embedding", "TI hashes")):
             named = [f"{a.name}: {a.hash}" for a in self.adapters if a.kind == kind]
             if named:
@@ -1363,28 +1278,6 @@ class _PipelineAutoencoder:
         return self.pipe.vae.decode(latents.to(self.pipe._vae_dtype)).to(self.pipe.dtype)
 
 
-@functools.lru_cache(maxsize=16)
-def _file_hash(path: Path, size: int, modified: float) -> str:
-    from latentkit.checkpoints.single_file import file_hash
-
-    return file_hash(path)
-
-
-def _short_hash(path: Path, digits: int) -> str:
-    """The first ``digits`` hex digits of a file's sha256, computed once per file version."""
-    stat = path.stat()
-    return _file_hash(path, stat.st_size, stat.st_mtime)[:digits]
-
-
-def _parse(parts: Parts, component: str, parse: Callable[[Mapping[str, Any]], T]) -> T:
-    """A component's config parsed; a refusal names the model and the component."""
-    try:
-        return parse(parts.configs[component])
-    except LatentkitError as e:
-        e.args = (f"{parts.name}: {component} config: {e}", *e.args[1:])
-        raise
-
-
 def rescale_guidance(out: torch.Tensor, out_text: torch.Tensor, phi: float) -> torch.Tensor:
     """Guidance rescale, Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps
     are Flawed") eqs. 15-16: match the guided output's std to the text-conditioned one's."""
@@ -1397,29 +1290,6 @@ def _to(
     value: torch.Tensor | None, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor | None:
     return None if value is None else value.to(device=device, dtype=dtype)
-
-
-def _scheduler_config(files: ModelFiles) -> dict[str, Any]:
-    """The model's scheduler config, corrected as diffusers corrects it when it loads one."""
-    config = files.config("scheduler")
-    # Like diffusers, the class named in model_index.json wins over the config's own.
-    listed = files.model_index().get("scheduler")
-    if isinstance(listed, list) and len(listed) == 2 and isinstance(listed[1], str):
-        config = {**config, "_class_name": listed[1]}
-    scheduler = schedulers.from_config(config)
-    # diffusers' StableDiffusionPipeline corrects outdated scheduler configs when it loads
-    # them (steps_offset 1, clip_sample off); so do we, so a model gives the same images.
-    fixes: dict[str, Any] = {}
-    if getattr(scheduler, "steps_offset", 1) != 1:
-        fixes["steps_offset"] = 1
-    if getattr(scheduler, "clip_sample", False) is True:
-        fixes["clip_sample"] = False
-    if fixes:
-        logger.warning(
-            "%s: outdated scheduler config, using %s as diffusers does", files.name, fixes
-        )
-        config = {**config, **fixes}
-    return config
 
 
 def _generators(request: Request, batch: int) -> tuple[Generators, list[int]]:
@@ -1459,38 +1329,6 @@ def _seeds(seed: Seeds, batch: int) -> list[int]:
             f"(one per image); got {seed!r}"
         )
     return seeds
-
-
-def _transformers_model(
-    cls: Any, files: ModelFiles, component: str, device: torch.device, dtype: torch.dtype
-) -> Any:
-    """A transformers model component, read from exactly the weight file `select_files`
-    chose (variant, safetensors or opted-in pickle with ``weights_only``), frozen, on ``device``."""
-    weights = files.weights[component]
-    v = files.variant
-    model = cls.from_pretrained(
-        str(files.root / component),
-        dtype=dtype,
-        variant=v if v and any(f".{v}." in p.name for p in weights) else None,
-        use_safetensors=any(p.suffix == ".safetensors" for p in weights),
-        weights_only=True,
-        local_files_only=True,
-    ).to(device)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def _load_depth_estimator(
-    files: ModelFiles, device: torch.device, dtype: torch.dtype
-) -> DepthConditioner:
-    """The repo's DPT depth estimator and its image processor (transformers classes)."""
-    from transformers import DPTForDepthEstimation, DPTImageProcessor
-
-    estimator = _transformers_model(DPTForDepthEstimation, files, "depth_estimator", device, dtype)
-    processor = DPTImageProcessor.from_pretrained(
-        str(files.root / "feature_extractor"), local_files_only=True
-    )
-    return DepthConditioner(estimator=estimator, processor=processor)
 
 
 def _check_size(label: str, size: int, factor: int) -> None:
