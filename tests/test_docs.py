@@ -36,6 +36,7 @@ HUB = {
     "stabilityai/stable-diffusion-2-depth": ("depth_path", "main"),
     "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl_path", "main"),
     "stabilityai/stable-diffusion-xl-refiner-1.0": ("sdxl_refiner_path", "main"),
+    "stabilityai/stable-diffusion-x4-upscaler": ("upscale_path", "main"),
     "owner/model": ("sd1_path", REVISION),
     "lllyasviel/control_v11p_sd15_canny": ("sd1_controlnet_path", "main"),
     "lllyasviel/control_v11f1p_sd15_depth": ("sd1_controlnet_path", "main"),
