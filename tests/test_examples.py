@@ -32,6 +32,8 @@ EXAMPLES = {
     "controlnet.py": ["controlnet-source.png", "controlnet.png"],
     "upscale.py": ["upscale.png"],  # --size is the output's: the input is 8x8
     "outpaint.py": ["outpaint.png"],  # --size is the widened canvas's
+    "single_file.py": ["single_file.png"],  # writes the folder as one original-layout file
+    "lora.py": ["lora.png"],  # writes a random kohya LoRA
 }
 # The tiny model each example runs on (fixtures in conftest.py); the rest use "sd1_path".
 MODELS = {
@@ -80,6 +82,16 @@ def test_example_runs(script: str, tmp_path: Path, request: pytest.FixtureReques
         assert samplers == ["pndm", "ddim", "dpm-solver++", "ddim"]
     if script == "fast_generation.py":
         assert "largest pixel difference" in proc.stdout
+    if script == "single_file.py":
+        # The same weights through the folder and the single file written from it.
+        assert "largest pixel difference, folder vs single file: 0.00e+00" in proc.stdout
+        assert "Model hash: " in Image.open(tmp_path / "single_file.png").text["parameters"]
+    if script == "lora.py":
+        # Unfused and fused agree to float rounding (docs/lora.md), and the LoRA does something.
+        fused = float(proc.stdout.split("fused vs unfused: ")[1].split()[0])
+        changed = float(proc.stdout.split("LoRA vs base: ")[1].split()[0])
+        assert fused <= 1e-4 and changed > 1e-2
+        assert "Lora hashes: " in Image.open(tmp_path / "lora.png").text["parameters"]
     if script == "sdxl.py":
         assert proc.stdout.startswith("stable-diffusion-xl: ")  # the family was detected
     if script == "progress_callback.py":
