@@ -24,6 +24,7 @@ from latentkit.errors import InvalidArgumentError
 from latentkit.images import ImageInput
 from latentkit.protocols import Callback, Scheduler, Seeds
 from latentkit.results import OUTPUT_TYPES, OutputType
+from latentkit.schedulers.custom import CustomSchedule
 
 Prompts = str | Sequence[str]
 """A prompt, or one prompt per batch item."""
@@ -102,6 +103,14 @@ class Request:
     one (`latentkit.models.unet.FeatureCache`); 1 is the plain result. None: off."""
     scheduler: str | Scheduler | None = None
     """A scheduler name (see ``latentkit.schedulers.names()``) or object; ``None``: the model's."""
+    timesteps: Sequence[float] | None = None
+    """This call's model timesteps, one per step in sampling (descending) order, instead of
+    the scheduler's spacing (diffusers' ``timesteps=``); ``steps`` is their count. Taken by
+    the schedulers whose diffusers class takes them (`latentkit.schedulers.custom`)."""
+    sigmas: Sequence[float] | None = None
+    """This call's noise levels ``sqrt((1 - alpha_bar) / alpha_bar)``, descending, the final one
+    included (``n + 1`` values for ``n`` steps, e.g. Align Your Steps' published 11 ending at
+    0), instead of the scheduler's (diffusers' ``sigmas=``; Euler takes them)."""
     seed: Seeds = None
     """An int (one CPU generator for the batch, as diffusers'
     ``torch.Generator("cpu").manual_seed(seed)``), one int per image, or ``None`` (fresh)."""
@@ -204,6 +213,7 @@ class Request:
         for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
             _check_prompts(name, getattr(self, name))
         _int_at_least("steps", self.steps, 1, optional=True)
+        self._check_schedule()
         _int_at_least("num_images", self.num_images, 1)
         _int_at_least("clip_skip", self.clip_skip, 0, optional=True)
         _number_in("guidance_scale", self.guidance_scale, 0.0, 1e4, optional=True)
@@ -303,6 +313,22 @@ class Request:
                         "and the canvas is the image plus the margins"
                     )
 
+    def _check_schedule(self) -> None:
+        """``timesteps`` / ``sigmas``: values, not both, and ``steps`` (if given) their count."""
+        if self.timesteps is not None and self.sigmas is not None:
+            raise InvalidArgumentError("pass timesteps or sigmas, not both")
+        for kind in ("timesteps", "sigmas"):
+            value = getattr(self, kind)
+            if value is None:
+                continue
+            custom = CustomSchedule(kind, value)  # checks the values
+            object.__setattr__(self, kind, custom.values)
+            if self.steps is not None and self.steps != custom.steps:
+                raise InvalidArgumentError(
+                    f"steps={self.steps} disagrees with the {len(custom.values)} {kind} given "
+                    f"({custom.steps} steps); leave steps out"
+                )
+
     def _check_control(self) -> None:
         """The ``control_*`` keywords' types and ranges (their count against the attached
         ControlNets is the pipeline's check)."""
@@ -338,9 +364,13 @@ class Request:
         """The work this request asks for, against `limits` (before any allocation)."""
         bounds = limits()
         how = "raise it with latentkit.set_limits({}=...) or LATENTKIT_{}"
-        if self.steps is not None and self.steps > bounds.max_steps:
+        steps = self.steps
+        for values, extra in ((self.timesteps, 0), (self.sigmas, 1)):
+            if values is not None:
+                steps = len(values) - extra
+        if steps is not None and steps > bounds.max_steps:
             raise InvalidArgumentError(
-                f"steps={self.steps} exceeds the limit of {bounds.max_steps}; "
+                f"steps={steps} exceeds the limit of {bounds.max_steps}; "
                 + how.format("max_steps", "MAX_STEPS")
             )
         if self.height is not None and self.width is not None:

@@ -180,6 +180,8 @@ def test_every_request_keyword_is_a_flag_or_python_only() -> None:
         "noise_level",
         "guidance_interval",
         "feature_cache",
+        "timesteps",
+        "sigmas",
     }
     generate = next(
         a

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
 from latentkit import images, schedulers
+from latentkit import preview as latent_preview
 from latentkit.conditioners import control as controlnet
 from latentkit.conditioners.control import ControlNetConditioner
 from latentkit.conditioners.depth import DepthConditioner, DepthInput
@@ -52,6 +54,7 @@ from latentkit.protocols import Generators, Scheduler, Seeds
 from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int, is_real, limits
 from latentkit.results import GenerationParameters, GenerationResult, to_output
 from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
+from latentkit.schedulers import custom
 from latentkit.tiles import map_tiles
 
 if TYPE_CHECKING:
@@ -536,6 +539,28 @@ class LatentDiffusion:
         h, w = (size, size) if isinstance(size, int) else size
         return h * self.vae.scale_factor, w * self.vae.scale_factor
 
+    def preview(
+        self,
+        latents: torch.Tensor,
+        /,
+        *,
+        index: int = 0,
+        resample: latent_preview.Resample = "nearest",
+        factors: latent_preview.LatentRGB | None = None,
+    ) -> PIL.Image.Image:
+        """A cheap picture of ``latents`` (a step callback's ``step.sample``): the linear
+        latent→RGB map of this model's latent space (`latentkit.preview`), no VAE, enlarged to
+        the output size. ``factors``: another map (default: the family's)."""
+        if factors is None:
+            factors = latent_preview.latent_rgb(
+                family=self.family, scaling_factor=self.vae.scaling_factor
+            )
+        h, w = latents.shape[-2:]
+        scale = self.vae.scale_factor
+        return latent_preview.preview(
+            latents, factors=factors, size=(h * scale, w * scale), resample=resample, index=index
+        )
+
     # ---- one call
 
     def generate(
@@ -571,6 +596,12 @@ class LatentDiffusion:
         with rt.session():
             generators, seeds = _generators(request, batch)
             sched = self.resolve_scheduler(request.scheduler)
+            if request.timesteps is not None or request.sigmas is not None:
+                # diffusers' timesteps= / sigmas=: the scheduler's schedule is those values.
+                sched = custom.with_schedule(
+                    sched, timesteps=request.timesteps, sigmas=request.sigmas
+                )
+                steps = sched.custom_schedule.steps
             first, last = self._span(sched, steps, request, inputs)
             with rt.stage(*(t.text_encoder for t in self.text)):
                 cond = self._conditioning(request, prompts, negatives, guided, (height, width))

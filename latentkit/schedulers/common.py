@@ -24,6 +24,7 @@ import torch
 
 from latentkit.errors import InvalidArgumentError
 from latentkit.protocols import Denoiser, Generators, PredictionType, SamplerRun
+from latentkit.schedulers.custom import CustomKind, CustomSchedule
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 """How betas rise over training: linearly, linearly in sqrt (Stable Diffusion), or cosine."""
@@ -167,7 +168,7 @@ def sgm_uniform_sigmas(
     between training steps are interpolated linearly in log sigma (k-diffusion's
     ``t_to_sigma``), the inverse of `sigma_to_t`; ``table`` is the ascending sigma table.
     """
-    log_table = np.log(table)
+    log_table = np.log(table.astype(np.float64))
     t_max, t_min = sigma_to_t(np.array([sigma_max, sigma_min]), log_table)
     return t_to_sigma(np.linspace(t_max, t_min, count + 1)[:-1], log_table)
 
@@ -431,6 +432,9 @@ class DiscreteScheduler(abc.ABC):
     evaluations_per_step: ClassVar[int] = 1
     """Network evaluations per inference step: diffusers' ``scheduler.order`` (2 for Heun),
     named apart from LMS's ``order`` option."""
+    custom_values: ClassVar[frozenset[CustomKind]] = frozenset()
+    """Which explicit values ``custom_schedule`` may give (those diffusers' ``set_timesteps``
+    of this class takes); the subclass's schedule honours them."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -441,6 +445,10 @@ class DiscreteScheduler(abc.ABC):
     prediction_type: PredictionType = "epsilon"
     timestep_spacing: TimestepSpacing = "leading"
     steps_offset: int = 0
+    custom_schedule: CustomSchedule | None = None
+    """This call's schedule as explicit values (diffusers' ``timesteps=`` / ``sigmas=``; see
+    `latentkit.schedulers.custom.with_schedule`); ``steps`` must then be its step count.
+    Not written by `to_config`: it belongs to a call, not to a model."""
 
     def __post_init__(self) -> None:
         if self.trained_betas is not None:
@@ -459,6 +467,8 @@ class DiscreteScheduler(abc.ABC):
         for field, valid in _choices(type(self)).items():
             if getattr(self, field) not in valid:
                 raise _invalid(field, getattr(self, field), valid, scheduler=self.name)
+        if self.custom_schedule is not None:
+            self._check_custom(self.custom_schedule)
 
     # ---- the Scheduler protocol
 
@@ -513,16 +523,24 @@ class DiscreteScheduler(abc.ABC):
         generator: Generators = None,
         start: int = 0,
         init: torch.Tensor | None = None,
+        resume: torch.Tensor | None = None,
     ) -> SamplerRun:
         """Sample from unit Gaussian ``noise``, yielding after every network evaluation.
 
-        With ``init``, start at position ``start`` from ``noised(init, noise, ...)`` (see
+        With ``init``, start at position ``start`` from ``noised(init, noise, ...)``; with
+        ``resume``, from ``resume`` itself, a sample already at that position (see
         `latentkit.protocols.Scheduler.sample`). Arguments are checked here, before the
         first ``next()``.
         """
         self._check_steps(steps)
         if isinstance(start, bool) or not isinstance(start, int):
             raise InvalidArgumentError(f"start must be an int, got {type(start).__name__}")
+        if resume is not None:
+            if init is not None:
+                raise InvalidArgumentError("pass init or resume, not both")
+            self._check_index(start, len(self.timesteps(steps)))
+            self._check_start(steps, start)
+            return self._sample(model, resume, steps, generator, start)
         if init is None:
             if start != 0:
                 raise InvalidArgumentError(
@@ -544,6 +562,8 @@ class DiscreteScheduler(abc.ABC):
         """The diffusers-style config (``_class_name`` plus every option) that recreates this scheduler."""
         config: dict[str, Any] = {"_class_name": self.diffusers_names[0]}
         for f in dataclasses.fields(self):
+            if f.name == "custom_schedule":
+                continue
             value = getattr(self, f.name)
             config[f.name] = list(value) if isinstance(value, tuple) else value
         return config
@@ -619,8 +639,11 @@ class DiscreteScheduler(abc.ABC):
         )
 
     def _integer_timesteps(self, steps: int) -> torch.Tensor:
-        """Spaced training timesteps rounded to int64, the grid of DDPM and DDIM."""
+        """Spaced training timesteps rounded to int64, the grid of DDPM and DDIM (or the
+        custom timesteps, where the class takes them)."""
         self._check_steps(steps)
+        if self.custom_schedule is not None:
+            return torch.tensor(self.custom_schedule.values, dtype=torch.int64)
         spaced = spaced_timesteps(
             self.timestep_spacing,
             steps,
@@ -632,11 +655,38 @@ class DiscreteScheduler(abc.ABC):
     def _check_steps(self, steps: int) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool):
             raise InvalidArgumentError(f"steps must be an int, got {type(steps).__name__}")
+        custom = self.custom_schedule
+        if custom is not None and steps != custom.steps:
+            raise InvalidArgumentError(
+                f"{self.name}: the custom {custom.kind} make {custom.steps} steps, got steps={steps}"
+            )
         if not 1 <= steps <= self.num_train_timesteps:
             raise InvalidArgumentError(
                 f"{self.name}: steps must be between 1 and num_train_timesteps "
                 f"({self.num_train_timesteps}), got {steps}"
             )
+
+    def _check_custom(self, custom: CustomSchedule) -> None:
+        # Explicit values this class takes, inside the training schedule: timesteps below
+        # num_train_timesteps, sigmas not above the largest trained sigma (to the 3 decimals
+        # published tables round to: Align Your Steps starts at 14.615 for SD's 14.6146).
+        if custom.kind not in self.custom_values:
+            raise InvalidArgumentError(
+                f"{self.name}: custom {custom.kind} are not supported by this scheduler "
+                "(see latentkit.schedulers.custom.accepting)"
+            )
+        if custom.kind == "timesteps" and custom.values[0] >= self.num_train_timesteps:
+            raise InvalidArgumentError(
+                f"{self.name}: timestep {custom.values[0]:g} is past the last training step "
+                f"{self.num_train_timesteps - 1}"
+            )
+        if custom.kind == "sigmas":
+            top = float(sigma_table(self._alphas_cumprod())[-1])
+            if custom.values[0] > round(top, 3) + 5e-4:
+                raise InvalidArgumentError(
+                    f"{self.name}: sigma {custom.values[0]:g} is above the largest trained "
+                    f"noise level {top:.4f}"
+                )
 
     def _within_training_range(self, timesteps: np.ndarray) -> np.ndarray:
         # Leading spacing with a steps_offset reaches timestep N at N steps; diffusers then
@@ -694,6 +744,16 @@ class TabulatedSigmas(DiscreteScheduler):
         if self.schedule is None:
             del config["schedule"]
         return config
+
+    def _check_custom(self, custom: CustomSchedule) -> None:
+        super()._check_custom(custom)
+        # As diffusers' set_timesteps: given timesteps and a respacing of the sigmas would
+        # contradict each other (given sigmas simply win over the flags).
+        if custom.kind == "timesteps" and self._sigma_spacing() != "table":
+            raise InvalidArgumentError(
+                f"{self.name}: custom timesteps do not go with the {self._sigma_spacing()} "
+                "schedule; pass sigmas= instead, or drop the schedule option"
+            )
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The float32 noise levels of ``steps`` inference steps, plus the final one."""
@@ -774,6 +834,23 @@ class SigmaScheduler(TabulatedSigmas):
         final = table[0] if self.final_sigmas_type == "sigma_min" else 0.0
         return torch.from_numpy(np.append(sigmas, final).astype(np.float32))
 
+    def _custom_values(
+        self, custom: CustomSchedule, *, integer: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps, sigmas)`` of explicit values as diffusers' ``set_timesteps`` builds
+        them: given timesteps (cast to int64 where ``integer``, else float32) with sigmas read
+        off the table there plus the final sigma; or the given sigmas (float32, their final
+        one included) with their fractional timesteps found back in the table (`sigma_to_t`)."""
+        table = self._sigma_table()
+        if custom.kind == "sigmas":
+            sigmas = np.asarray(custom.values).astype(np.float32)
+            timesteps = sigma_to_t(sigmas[:-1], np.log(table)).astype(np.float32)
+            return torch.from_numpy(timesteps), torch.from_numpy(sigmas)
+        given = np.asarray(custom.values)
+        spaced = given.astype(np.int64) if integer else given.astype(np.float32)
+        sigmas = np.interp(spaced, np.arange(len(table)), table)
+        return torch.from_numpy(spaced), self._with_final_sigma(sigmas, table)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SigmaTableScheduler(VarianceExploding):
@@ -802,6 +879,9 @@ class SigmaTableScheduler(VarianceExploding):
             num_train_timesteps=self.num_train_timesteps,
             steps_offset=self.steps_offset,
         )
+        if self.custom_schedule is not None:
+            # Given timesteps (the only custom values these classes take), table sigmas.
+            spaced = np.asarray(self.custom_schedule.values)
         if not self.spaces_in_float64:
             spaced = spaced.astype(np.float32)
         spacing = self._sigma_spacing()

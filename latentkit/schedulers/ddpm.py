@@ -22,6 +22,7 @@ from latentkit.schedulers.common import (
     predicted_x0,
     resumed,
 )
+from latentkit.schedulers.custom import CustomKind
 
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
 """The variance of each step: the posterior's ``beta_tilde`` (small) or ``beta`` (large)
@@ -42,6 +43,7 @@ class DDPM(DiscreteScheduler):
 
     name: ClassVar[str] = "ddpm"
     diffusers_names: ClassVar[tuple[str, ...]] = ("DDPMScheduler",)
+    custom_values: ClassVar[frozenset[CustomKind]] = frozenset({"timesteps"})
 
     variance_type: VarianceType = "fixed_small"
     """With ``learned`` / ``learned_range`` the network outputs twice the sample's channels."""

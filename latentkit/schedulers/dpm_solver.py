@@ -37,6 +37,7 @@ from latentkit.schedulers.common import (
     spaced_timesteps,
     vp_coefficients,
 )
+from latentkit.schedulers.custom import CustomKind
 
 Algorithm = Literal["dpmsolver", "dpmsolver++", "sde-dpmsolver++"]
 """What the solver integrates: the noise estimate (DPM-Solver), the data estimate (DPM-Solver++)
@@ -219,6 +220,8 @@ class LogSNRSolver(SigmaScheduler):
             raise InvalidArgumentError(f"{self.name}: use_flow_sigmas is not implemented")
 
     def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.custom_schedule is not None:
+            return self._custom_values(self.custom_schedule, integer=True)
         last = self._last_timestep()
         spacing = dict(
             num_train_timesteps=self.num_train_timesteps, steps_offset=self.steps_offset, end=last
@@ -285,6 +288,8 @@ class DPMSolverBase(LogSNRSolver):
     """Do not sample timesteps whose log-SNR is below this (for cosine schedules)."""
     variance_type: Literal["learned", "learned_range"] | None = None
     """Set for networks that also output a variance (extra channels, dropped here)."""
+
+    custom_values: ClassVar[frozenset[CustomKind]] = frozenset({"timesteps"})
 
     def __post_init__(self) -> None:
         object.__setattr__(

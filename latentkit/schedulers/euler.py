@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
+from latentkit.errors import InvalidArgumentError
 from latentkit.protocols import Denoiser, Generators, SamplerRun, SamplerStep
 from latentkit.schedulers import register
 from latentkit.schedulers.common import (
@@ -21,6 +22,7 @@ from latentkit.schedulers.common import (
     resumed,
     spaced_timesteps,
 )
+from latentkit.schedulers.custom import CustomKind, CustomSchedule
 
 
 @register("euler")
@@ -44,7 +46,25 @@ class Euler(VarianceExploding, SigmaScheduler):
     timestep_type: Literal["discrete", "continuous"] = "discrete"
     """``continuous`` (with ``v_prediction``): the network takes ``0.25 * log(sigma)`` as its timestep."""
 
+    custom_values: ClassVar[frozenset[CustomKind]] = frozenset({"timesteps", "sigmas"})
+
+    def _check_custom(self, custom: CustomSchedule) -> None:
+        super()._check_custom(custom)
+        if custom.kind == "timesteps" and self._continuous():
+            raise InvalidArgumentError(
+                "euler: custom timesteps do not go with timestep_type='continuous' "
+                "(its timesteps are 0.25 * log(sigma)); pass sigmas= instead"
+            )
+
+    def _continuous(self) -> bool:
+        return self.timestep_type == "continuous" and self.prediction_type == "v_prediction"
+
     def _schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.custom_schedule is not None:
+            given, custom_sigmas = self._custom_values(self.custom_schedule, integer=False)
+            if self._continuous():
+                return torch.stack([0.25 * s.log() for s in custom_sigmas[:-1]]), custom_sigmas
+            return given, custom_sigmas
         spaced = spaced_timesteps(
             self.timestep_spacing,
             steps,
@@ -61,7 +81,7 @@ class Euler(VarianceExploding, SigmaScheduler):
             sigma_max=self.sigma_max,
         )
         all_sigmas = self._with_final_sigma(sigmas, table)
-        if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
+        if self._continuous():
             # One 0-d log at a time, as diffusers does (vectorised log may differ in the last bit).
             return torch.stack([0.25 * s.log() for s in all_sigmas[:-1]]), all_sigmas
         return torch.from_numpy(self._within_training_range(timesteps)), all_sigmas

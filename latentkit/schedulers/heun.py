@@ -16,6 +16,7 @@ from latentkit.schedulers.common import (
     predicted_x0_ve,
     resumed,
 )
+from latentkit.schedulers.custom import CustomKind
 
 
 @register("heun")
@@ -31,6 +32,7 @@ class Heun(SigmaTableScheduler):
     name: ClassVar[str] = "heun"
     diffusers_names: ClassVar[tuple[str, ...]] = ("HeunDiscreteScheduler",)
     evaluations_per_step: ClassVar[int] = 2
+    custom_values: ClassVar[frozenset[CustomKind]] = frozenset({"timesteps"})
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
