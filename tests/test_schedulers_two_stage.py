@@ -6,7 +6,8 @@ through ``sample``, with the same seeded CPU generators, over the deterministic 
 and over a tiny random UNet. ``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``
 and ``DPMSolverSDEScheduler`` have ``order = 2``: ``2 * steps - 1`` evaluations.
 ``DPMSolverSDEScheduler`` needs torchsde, and both sides get the same Brownian-tree seed.
-(``dpm-solver++-2s-ancestral`` has no diffusers counterpart: see ``test_schedulers_2s_ancestral``.)
+(``dpm-solver++-2s-ancestral`` has no diffusers counterpart: see
+``test_schedulers_two_stage_closed_form``.)
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import torch
 from latentkit.errors import InvalidArgumentError, MissingDependencyError
 from latentkit.protocols import Denoiser, Generators, SamplerRun
 from latentkit.schedulers import register
-from latentkit.schedulers.common import sigma_to_t
+from latentkit.schedulers.common import BetaSchedule, sigma_to_t
 from latentkit.schedulers.two_stage import NoiseSource, Plan, TwoStage, ancestral_split
 
 
@@ -66,7 +66,7 @@ class DPMSolverPlusPlus2SAncestral(TwoStage):
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_schedule: BetaSchedule = "scaled_linear"
     """Stable Diffusion's schedule by default (there are no diffusers defaults to follow)."""
     eta: float = 1.0
     """How much of ``sigma_{i+1}`` is fresh noise: 1 is the ancestral sampler (A1111's default
@@ -81,8 +81,9 @@ class DPMSolverPlusPlus2SAncestral(TwoStage):
         self, sigma: torch.Tensor, sigma_next: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # (t, t_mid, t_down, sigma_up) of a step, t = -log sigma. sigma_down > 0 before the
-        # last step (eta <= 1 keeps sigma_up below sigma_next).
-        down, up = ancestral_split(sigma, sigma_next, self.eta)
+        # last step (eta <= 1 keeps sigma_up below sigma_next); computed without the
+        # cancellation diffusers' and k-diffusion's form has for long steps.
+        down, up = ancestral_split(sigma, sigma_next, self.eta, stable=True)
         t, t_down = sigma.log().neg(), down.log().neg()
         return t, t + (t_down - t) * 0.5, t_down, up
 
