@@ -59,6 +59,8 @@ FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 # Commands the pages show for setting up, which a test cannot (and need not) repeat.
 SETUP = ("python3 -m venv", "python -m venv", ". .venv/bin/activate", "source .venv/bin/activate")
 SETUP += ("python -m pytest", "pytest", "mkdocs", "python examples/train_shapes.py")
+# Cluster administration: starting or joining a Ray cluster is infrastructure, not latentkit.
+SETUP += ("ray start", "ray stop", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start")
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,10 @@ def _missing(requirement: str) -> str:
 def _run_shell(snippet: Snippet, cli: Any, distribution: str) -> Verdict:
     not_run: list[str] = []
     for command in commands(snippet):
-        if command.startswith(("latentkit ", "latentkit-lab ")):
+        if command.startswith("latentkit batch") and "--engine ray" in command:
+            # The Ray engine (a cluster per run) is tested by tests/test_batch_ray.py.
+            not_run.append(command)
+        elif command.startswith(("latentkit ", "latentkit-lab ")):
             program, *argv = shlex.split(command)
             if argv[:1] == ["generate"]:
                 # Pages show alternatives that write the same file; run each as if it were new.
