@@ -381,3 +381,24 @@ def test_cli_upscale(
     )
     assert cli.main([*argv, "--overwrite", "--noise-level", "999"]) == 2
     assert "noise_level must be at most 350" in capsys.readouterr().err
+
+
+def test_unet_tiling_is_generic_and_exact_when_one_tile_covers_the_latents(
+    sd1_path: Path, sd1_controlnet_path: Path
+) -> None:
+    """Any family tiles its UNet the same way; a window at least as large as the latents is
+    the untiled call, bit for bit. ControlNets (whole-image residuals) are refused."""
+    big = latentkit.Tiling(tile_size=64)  # 32 latents: more than 16x16
+    tiled = latentkit.load_pipeline(
+        sd1_path, device="cpu", progress=False, performance=latentkit.Performance(unet_tiling=big)
+    )
+    plain = latentkit.load_pipeline(sd1_path, device="cpu", progress=False)
+    kw = dict(prompt="a cat", steps=2, height=32, width=32)
+    assert np.array_equal(ours(tiled, 4, **kw), ours(plain, 4, **kw))
+    small = latentkit.Performance(unet_tiling=latentkit.Tiling(tile_size=16))
+    windows = latentkit.load_pipeline(sd1_path, device="cpu", progress=False, performance=small)
+    assert np.abs(ours(windows, 4, **kw) - ours(plain, 4, **kw)).max() > 1e-3
+    with pytest.raises(latentkit.InvalidArgumentError, match="unet_tiling does not go with"):
+        tiled.with_controlnet(str(sd1_controlnet_path), progress=False).generate(
+            "a cat", control_image=np.zeros((32, 32, 3), np.float32), steps=2, progress=False
+        )
