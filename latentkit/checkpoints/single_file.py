@@ -41,6 +41,20 @@ from latentkit.protocols import PredictionType
 from latentkit.readers import read_json_object
 from latentkit.tokenizer import CLIPTokenizer
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+"""safetensors dtype names → torch dtypes."""
+
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 """File endings of single-file checkpoints; all but safetensors are pickle."""
 
@@ -59,12 +73,16 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def __init__(self, path: Path, *, allow_pickle: bool) -> None:
         self.path = path
         self._pickled: dict[str, torch.Tensor] | None = None
-        self._handle: Any = None
+        self._map: Any = None
         if path.suffix == ".safetensors":
             from latentkit.readers import safetensors_header
 
-            header = safetensors_header(path)
-            self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v.shape) for k, v in header.items()}
+            self._header = safetensors_header(path)
+            self.shapes: dict[str, tuple[int, ...]] = {
+                k: tuple(v.shape) for k, v in self._header.items()
+            }
+            with open(path, "rb") as f:
+                self._data_start = 8 + int.from_bytes(f.read(8), "little")
             return
         if not allow_pickle:
             raise PickleWeightsError(
@@ -89,13 +107,25 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._pickled is not None:
             return self._pickled[key]
-        if self._handle is None:
-            from safetensors import safe_open
+        if self._map is None:
+            import mmap
 
-            # One memory map for the whole load; each tensor is read when asked for.
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        tensor: torch.Tensor = self._handle.get_tensor(key)
-        return tensor
+            # A private (copy-on-write) mapping of the whole file: each tensor is a view of
+            # its bytes, so a weight whose dtype already fits is never copied, and only the
+            # pages a computation touches become resident (as diffusers' loader does).
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        info = self._header[key]
+        dtype = _DTYPES.get(info.dtype)
+        if dtype is None:
+            raise WeightMismatchError(f"{self.path}: tensor {key!r} has dtype {info.dtype}")
+        count = (info.end - info.start) // dtype.itemsize
+        if count == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        flat = torch.frombuffer(
+            self._map, dtype=dtype, count=count, offset=self._data_start + info.start
+        )
+        return flat.reshape(info.shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -165,9 +195,10 @@ def parts(
         subset = _Subset(checkpoint, by_component.get(component, []))
         prefix = component + "."
         for key, tensor in convert(subset, layout=layout, unknown="skip"):
-            # A view into a fused tensor (OpenCLIP's q/k/v) gets storage of its own: an
-            # unaligned view changes the GEMM kernel's summation order, hence the last bits.
-            own = tensor.clone() if tensor._base is not None else tensor
+            # A third of a fused tensor (OpenCLIP's q/k/v) gets storage of its own, so the
+            # fused tensor is not kept whole behind it; other tensors stay views of the file.
+            base = tensor._base
+            own = tensor.clone() if base is not None and base.numel() != tensor.numel() else tensor
             yield key.removeprefix(prefix), _convert(own, device, dtype)
 
     encoders = tuple(e for e in ("text_encoder", "text_encoder_2") if e in configs)

@@ -38,18 +38,27 @@ class AdapterRecord:
 
     kind: Literal["lora", "embedding"]
     path: Path
+    hash: str
+    """The first 12 hex digits of the file's sha256 (A1111's short hash), taken when the
+    adapter is added: the file may be gone by the time an image is written."""
     scale: float | None = None
     token: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        kind: Literal["lora", "embedding"],
+        path: Path,
+        *,
+        scale: float | None = None,
+        token: str | None = None,
+    ) -> AdapterRecord:
+        return cls(kind, path, short_hash(path, 12), scale=scale, token=token)
 
     @property
     def name(self) -> str:
         """The file's name without its ending (A1111 names LoRAs and embeddings so)."""
         return self.token or self.path.stem
-
-    @property
-    def hash(self) -> str:
-        """The first 12 hex digits of the file's sha256 (A1111's short hash)."""
-        return short_hash(self.path, 12)
 
 
 @dataclass(frozen=True)

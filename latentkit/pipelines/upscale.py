@@ -20,7 +20,7 @@ import torch
 from latentkit import images, schedulers
 from latentkit.errors import InvalidArgumentError, UnsupportedModelError
 from latentkit.noise import randn
-from latentkit.pipelines import register
+from latentkit.pipelines import register, tasks
 from latentkit.pipelines.family import Family
 from latentkit.request import is_int
 
@@ -124,7 +124,7 @@ class StableDiffusionUpscaleFamily(Family):
 
 def _input_size(pipe: LatentDiffusion, request: Request) -> tuple[int, int]:
     assert request.image is not None
-    if pipe._given_latents(request.image) is not None:
+    if tasks.given_latents(pipe, request.image) is not None:
         raise InvalidArgumentError(
             "an upscaler's image= is a picture (PIL, array, tensor (3, H, W) or path), not latents"
         )
