@@ -79,7 +79,7 @@ def test_example_runs(script: str, tmp_path: Path, request: pytest.FixtureReques
             Image.open(tmp_path / name).text["parameters"].split("Sampler: ")[1].split(",")[0]
             for name in EXAMPLES[script]
         ]
-        assert samplers == ["pndm", "ddim", "dpm-solver++", "ddim"]
+        assert samplers == ["PLMS", "DDIM", "DPM++ 2M", "DDIM"]  # A1111 labels
     if script == "fast_generation.py":
         assert "largest pixel difference" in proc.stdout
     if script == "single_file.py":
