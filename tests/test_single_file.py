@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import tiny_models
+import torch
 from safetensors.torch import save_file
 from test_keys import FAMILY, layout_of, our_state
 

@@ -113,7 +113,8 @@ FAMILIES: dict[Family, dict[str, Any]] = {
         },
         "vae": _VAE | {"sample_size": 768},
         "text_encoder": _OPEN_CLIP_H,
-        "scheduler": _SCHEDULER | {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
+        "scheduler": _SCHEDULER
+        | {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
     },
     "sdxl-base": {
         "model_index": {

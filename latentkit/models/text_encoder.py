@@ -124,7 +124,9 @@ class CLIPTextConfig:
         """Parse transformers' ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` config,
         raising `UnsupportedModelError` for another kind of model (a full CLIP config, another
         activation, ...)."""
-        check_config("text_encoder", d)  # types and ranges first: InvalidConfigError, not a TypeError
+        check_config(
+            "text_encoder", d
+        )  # types and ranges first: InvalidConfigError, not a TypeError
         model_type = d.get("model_type", "clip_text_model")
         if model_type != "clip_text_model":
             raise UnsupportedModelError(
