@@ -144,7 +144,7 @@ def test_save_never_replaces_a_file_that_appeared_meanwhile(tmp_path: Any) -> No
     assert target.read_bytes() == b"someone else's"
 
 
-def test_png_records_the_sampler_as_asked_and_clip_skip(pipe: Any) -> None:
+def test_png_records_the_sampler_in_a1111_terms_and_clip_skip(pipe: Any) -> None:
     result = pipe.generate(
         "a cat",
         steps=2,
@@ -155,8 +155,10 @@ def test_png_records_the_sampler_as_asked_and_clip_skip(pipe: Any) -> None:
         progress=False,
     )
     text = result.parameters[0].a1111()
+    # A1111 writes the sampler and its schedule type apart, and counts clip skip from 1.
     assert (
-        "Sampler: DPM++ 2M Karras" in text
-        and "Clip skip: 1" in text
+        "Sampler: DPM++ 2M," in text
+        and "Schedule type: Karras" in text
+        and "Clip skip: 2" in text
         and "Guidance rescale: 0.5" in text
     )
