@@ -63,3 +63,13 @@ def sd1_controlnet_path(models_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def sdxl_controlnet_path(models_root: Path) -> Path:
     return tiny_models.save_controlnet("sdxl", models_root)
+
+
+@pytest.fixture(scope="session")
+def taesd_path(models_root: Path) -> Path:
+    return tiny_models.save_taesd(models_root)
+
+
+@pytest.fixture(scope="session")
+def sd1_lora_path(models_root: Path) -> Path:
+    return tiny_models.save_lora(models_root)

@@ -118,17 +118,12 @@ def test_bad_configs_are_typed_errors(
 
 
 @pytest.fixture(scope="module")
-def taesd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    """A tiny TAESD folder (diffusers' save_pretrained) with the tiny SD's factor 2."""
-    reference, _ = pair(
-        encoder_block_out_channels=(16, 16),
-        decoder_block_out_channels=(16, 16),
-        num_encoder_blocks=(1, 2),
-        num_decoder_blocks=(2, 1),
-    )
-    folder = tmp_path_factory.mktemp("taesd")
-    reference.save_pretrained(str(folder))
-    return folder, reference
+def taesd(taesd_path: Path) -> tuple[Path, Any]:
+    """A tiny TAESD folder (`tiny_models.save_taesd`, the tiny SD's factor 2) and diffusers'
+    model read from it."""
+    from diffusers import AutoencoderTiny as Reference
+
+    return taesd_path, Reference.from_pretrained(str(taesd_path)).eval()
 
 
 def test_text_to_image_with_taesd_matches_diffusers(

@@ -41,6 +41,8 @@ HUB = {
     "lllyasviel/control_v11p_sd15_canny": ("sd1_controlnet_path", "main"),
     "lllyasviel/control_v11f1p_sd15_depth": ("sd1_controlnet_path", "main"),
     "diffusers/controlnet-canny-sdxl-1.0": ("sdxl_controlnet_path", "main"),
+    "madebyollin/taesd": ("taesd_path", "main"),
+    "latent-consistency/lcm-lora-sdv1-5": ("sd1_lora_path", "main"),
 }
 FAKE_COMMIT = "f" * 40
 

@@ -581,5 +581,64 @@ def save_pipeline(kind: str, root: Path) -> Path:
     return _saved(kind, str(root))
 
 
+# ---------------------------------------------------------------- TAESD and an LCM-LoRA stand-in
+
+
+TAESD_KWARGS: dict[str, Any] = dict(
+    encoder_block_out_channels=(16, 16),
+    decoder_block_out_channels=(16, 16),
+    num_encoder_blocks=(1, 2),
+    num_decoder_blocks=(2, 1),
+)
+"""A tiny diffusers ``AutoencoderTiny`` (TAESD's structure) with the tiny SD's factor 2."""
+
+
+@cache
+def _saved_taesd(root: str) -> Path:
+    from diffusers import AutoencoderTiny
+
+    folder = Path(root) / "taesd"
+    torch.manual_seed(3)
+    AutoencoderTiny(**TAESD_KWARGS).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def save_taesd(root: Path) -> Path:
+    """Write the tiny TAESD (`TAESD_KWARGS`, random) under ``root`` once; its folder has
+    diffusers' layout, as ``madebyollin/taesd`` on the Hub."""
+    return _saved_taesd(str(root))
+
+
+@cache
+def _saved_lora(root: str) -> Path:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd1_unet_kwargs())
+    generator = torch.Generator().manual_seed(4)
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in unet.named_modules():
+        if path.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+            name = "lora_unet_" + path.replace(".", "_")
+            down = torch.randn(4, layer.in_features, generator=generator)
+            state[f"{name}.lora_down.weight"] = down * 0.05
+            state[f"{name}.lora_up.weight"] = torch.randn(
+                layer.out_features, 4, generator=generator
+            )
+            state[f"{name}.alpha"] = torch.tensor(4.0)
+    folder = Path(root) / "lora-sd1"
+    folder.mkdir()
+    save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
+    return folder
+
+
+def save_lora(root: Path) -> Path:
+    """Write a random rank-4 LoRA (kohya keys) on the tiny SD 1.x UNet's attention
+    projections under ``root`` once, as ``pytorch_lora_weights.safetensors`` in a folder
+    (the layout of LCM-LoRA's Hub repo)."""
+    return _saved_lora(str(root))
+
+
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
