@@ -50,6 +50,13 @@ class _DPM2Options(TwoStage):
         super().__post_init__()
         self._sigma_spacing()  # checks the flags
 
+    def _first_half(
+        self, x: torch.Tensor, x0: torch.Tensor, i: int, plan: Plan, noise: NoiseSource
+    ) -> torch.Tensor:
+        # Both classes take an Euler step to the midpoint; they differ in where it lies.
+        sigma = plan.sigmas[i]
+        return x + (x - x0) / sigma * (plan.mids[i] - sigma)
+
 
 @register("dpm2")
 @dataclass(frozen=True, kw_only=True)
@@ -66,12 +73,6 @@ class DPM2(_DPM2Options):
         # once as diffusers does (a vectorised log may round differently from a scalar one).
         mids = sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()[1:-1]
         return mids, float32_positions(mids, self._sigma_table())
-
-    def _first_half(
-        self, x: torch.Tensor, x0: torch.Tensor, i: int, plan: Plan, noise: NoiseSource
-    ) -> torch.Tensor:
-        sigma = plan.sigmas[i]
-        return x + (x - x0) / sigma * (plan.mids[i] - sigma)  # Euler to the midpoint
 
     def _second_half(
         self,
@@ -103,12 +104,6 @@ class DPM2Ancestral(_DPM2Options):
         down, _ = ancestral_split(sigmas, sigmas.roll(-1))
         mids = sigmas.log().lerp(down.log(), 0.5).exp()[:-2]
         return mids, float32_positions(mids, self._sigma_table())
-
-    def _first_half(
-        self, x: torch.Tensor, x0: torch.Tensor, i: int, plan: Plan, noise: NoiseSource
-    ) -> torch.Tensor:
-        sigma = plan.sigmas[i]
-        return x + (x - x0) / sigma * (plan.mids[i] - sigma)  # Euler to the midpoint
 
     def _second_half(
         self,
