@@ -9,7 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from latentkit.results import GenerationParameters
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -348,7 +351,8 @@ def _generate(args: argparse.Namespace) -> int:
     output: Path = args.output
     if args.prompt is not None and args.prompt_flag is not None:
         raise InvalidArgumentError("give the prompt once: positionally or with -p/--prompt")
-    options = _params_from(args.params_from) if args.params_from is not None else {}
+    png = None if args.params_from is None else _params_from(args.params_from)
+    options = {} if png is None else png.to_options()
     prompt = args.prompt if args.prompt is not None else args.prompt_flag
     prompt = prompt if prompt is not None else options.pop("prompt", None)
     options.pop("prompt", None)
@@ -375,6 +379,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--mask needs --image (the picture to inpaint)")
     if args.outpaint is not None and args.image is None:
         raise InvalidArgumentError("--outpaint needs --image (the picture to extend)")
+    if png is not None:
+        _check_png_inputs(args.params_from, png, args)
     # Read the inputs now: an unreadable file fails before the model loads.
     opened = {
         what: None if path is None else images.open_image(path, what)
@@ -412,7 +418,7 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = pipe.with_embedding(source, token=token, allow_pickle=args.allow_pickle)
     for source in args.controlnet:
         pipe = pipe.with_controlnet(source, progress=not args.quiet)
-    given = {
+    given: dict[str, Any] = {
         "negative_prompt": args.negative,
         "prompt_2": args.prompt_2,
         "negative_prompt_2": args.negative_prompt_2,
@@ -423,21 +429,16 @@ def _generate(args: argparse.Namespace) -> int:
         "height": args.height,
         "width": args.width,
         "clip_skip": args.clip_skip,
+        "image": opened["--image"],
+        "mask_image": opened["--mask"],
+        "strength": args.strength,
+        "depth_map": opened["--depth"],
+        "outpaint": args.outpaint,
     }
     # Flags given win over the PNG's parameters.
     options.update({k: v for k, v in given.items() if v is not None})
-    result = pipe.generate(
-        prompt,
-        **options,
-        num_images=args.num_images,
-        progress=not args.quiet,
-        image=opened["--image"],
-        mask_image=opened["--mask"],
-        strength=args.strength,
-        depth_map=opened["--depth"],
-        outpaint=args.outpaint,
-        **control,
-    )
+    options.update(control)
+    result = pipe.generate(prompt, **options, num_images=args.num_images, progress=not args.quiet)
     for path in result.save(output, overwrite=args.overwrite):
         print(path)
     return 0
@@ -456,11 +457,43 @@ def _split(value: str, flag: str, kind: type[Any]) -> tuple[str, Any]:
         raise InvalidArgumentError(f"{flag} {value!r}: {tail!r} is not a valid value") from e
 
 
-def _params_from(path: Path) -> dict[str, Any]:
-    """``generate`` keywords from a PNG's A1111 parameters (see `GenerationParameters`)."""
+def _params_from(path: Path) -> GenerationParameters:
+    """A PNG's A1111 parameters (``to_options`` gives the ``generate`` keywords)."""
     from latentkit.results import GenerationParameters
 
-    return GenerationParameters.from_png(path).to_options()
+    return GenerationParameters.from_png(path)
+
+
+def _check_png_inputs(path: Path, png: GenerationParameters, args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, to regenerate a PNG without the pictures and
+    ControlNets it was made with (no PNG carries them): its image for image-to-image,
+    inpainting, outpainting and upscaling, its mask, and as many ControlNets as it names."""
+    from latentkit.errors import InvalidArgumentError
+
+    extras = dict(png.extras)
+    needed = png.input_images
+    if "image" in needed and args.image is None:
+        fields = ("Outpaint", "Noise level", "Denoising start", "Mask blur")
+        why = next((f"{f}: {extras[f]}" for f in fields if f in extras), None)
+        why = why or f"Denoising strength: {png.strength}"
+        raise InvalidArgumentError(
+            f"{path} was made from an input picture ({why}); give that picture with --image "
+            "(a PNG cannot carry its input pictures)"
+        )
+    if "mask_image" in needed and args.mask is None:
+        raise InvalidArgumentError(
+            f"{path} was inpainted (Mask blur); give its mask with --mask (a PNG cannot carry "
+            "its input pictures)"
+        )
+    units = png.controlnets()
+    if units and len(args.controlnet) != len(units):
+        names = ", ".join(u.get("Model", "?") for u in units)
+        raise InvalidArgumentError(
+            f"{path} was made with {len(units)} ControlNet(s) ({names}) but "
+            f"{len(args.controlnet)} --controlnet given: attach the same ones with --controlnet "
+            "and give each its control image with --control-image, in the same order (a PNG "
+            "cannot carry its control images)"
+        )
 
 
 def _control_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,7 +9,11 @@ system or a folder that cannot be written raise `OutputPathError` naming the pat
 
 The ``parameters`` text follows A1111's convention, with every user-given text written so
 that it cannot forge another field (see `GenerationParameters.a1111`), and
-`GenerationParameters.from_a1111` reads it back exactly.
+`GenerationParameters.from_a1111` reads it back exactly. Every `latentkit.Request` keyword
+that changes the pixels is either in the text (`RECORDED_OPTIONS`, the core fields, the
+``Emphasis`` and ``ControlNet N`` fields) or named in `NOT_RECORDED` with the reason, so
+`GenerationParameters.to_options` regenerates a latentkit PNG's pixels with the same model
+(and the same input pictures, which no text carries).
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ class GenerationParameters:
     penultimate layer); written in A1111's count, one more (``Clip skip: 2``)."""
     guidance_rescale: float = 0.0
     extras: tuple[tuple[str, str], ...] = ()
-    """Further A1111 fields, in order: ``Schedule type``, ``Eta``, ``Model hash``,
-    ``Lora hashes``, ``TI hashes``, ``Version``, ... (and any field a read text had)."""
+    """Further A1111 fields, in order, each value as written before quoting: ``Schedule
+    type``, ``Eta``, ``Model hash``, ``Lora hashes``, ``TI hashes``, the options of
+    `RECORDED_OPTIONS` that the call set, ``Emphasis``, ``Mask blur``, ``ControlNet 0``,
+    ..., ``Version`` (and any field a read text had)."""
 
     def a1111(self) -> str:
         """The ``parameters`` text A1111-compatible tools read from a PNG.
@@ -120,8 +126,19 @@ class GenerationParameters:
 
     def to_options(self) -> dict[str, Any]:
         """``generate`` keywords that regenerate this image with the same model (A1111's
-        sampler and schedule labels mapped to latentkit's schedulers). Image inputs are not
-        in the text: an image-to-image PNG's ``strength`` is dropped."""
+        sampler and schedule labels mapped to latentkit's schedulers), the options of
+        `RECORDED_OPTIONS`, ``prompt_syntax`` (``Emphasis: None``) and the ControlNet
+        settings (``control_scale``, ``control_start``, ``control_end``, ``guess_mode``)
+        included.
+
+        The input pictures are not in the text (`NOT_RECORDED`): `input_images` names those
+        the image was made with, and the caller adds them (``image=``, ``mask_image=``,
+        ``control_image=``, with the same ControlNets attached); without them ``generate``
+        refuses the options that need them. ``strength`` comes back for an image made from
+        a picture (not for A1111's hires fix, whose ``Denoising strength`` is the second
+        pass's); ``width`` and ``height`` are left out where the output size follows the
+        input (``outpaint``, the x4 upscaler's ``noise_level``), which refuses them. A value
+        that does not read as its option's kind raises `InvalidArgumentError`."""
         from latentkit import schedulers
 
         extras = dict(self.extras)
@@ -139,7 +156,53 @@ class GenerationParameters:
             options["clip_skip"] = self.clip_skip
         if self.guidance_rescale:
             options["guidance_rescale"] = self.guidance_rescale
+        if self._from_picture:
+            options["strength"] = self.strength
+        for name, key, kind in RECORDED_OPTIONS:
+            if key in extras:
+                options[name] = _read_option(key, extras[key], kind)
+        if extras.get(EMPHASIS) == PLAIN_EMPHASIS:
+            options["prompt_syntax"] = "plain"
+        options.update(_control_options(self.controlnets()))
+        if "outpaint" in options or "noise_level" in options:
+            del options["width"], options["height"]
         return options
+
+    @property
+    def input_images(self) -> tuple[str, ...]:
+        """The ``generate`` keywords of the pictures this image was made from, which no
+        text can carry: ``"image"`` (a ``Denoising strength`` outside A1111's hires fix,
+        ``Denoising start``, ``Outpaint`` or the upscaler's ``Noise level``), ``"mask_image"``
+        (``Mask blur``, which A1111 and latentkit write for inpainting) and
+        ``"control_image"`` (a ``ControlNet N`` field). Empty for text-to-image."""
+        extras = dict(self.extras)
+        needed = []
+        if self._from_picture or any(
+            k in extras for k in ("Denoising start", "Outpaint", "Noise level", MASK_BLUR)
+        ):
+            needed.append("image")
+        if MASK_BLUR in extras:
+            needed.append("mask_image")
+        if self.controlnets():
+            needed.append("control_image")
+        return tuple(needed)
+
+    @property
+    def _from_picture(self) -> bool:
+        """Whether ``Denoising strength`` is an image task's: A1111 writes it for its hires
+        fix too (with ``Hires upscale``, ``Hires steps``, ...), where no picture was given."""
+        return self.strength is not None and not any(k.startswith("Hires ") for k, _ in self.extras)
+
+    def controlnets(self) -> list[dict[str, str]]:
+        """The ``ControlNet 0``, ``ControlNet 1``, ... fields (A1111's ControlNet extension's
+        units, latentkit's in the same form), in order, each as its ``Key: value`` items
+        (``Model``, ``Weight``, ``Guidance Start``, ``Guidance End``, ``Control Mode``...)."""
+        units = sorted(
+            (int(m.group(1)), value)
+            for key, value in self.extras
+            if (m := _CONTROLNET_KEY.fullmatch(key)) is not None
+        )
+        return [_unit_items(value) for _, value in units]
 
     @classmethod
     def from_a1111(cls, text: str) -> GenerationParameters:
@@ -217,6 +280,186 @@ class GenerationParameters:
             else 0.0,
             extras=tuple((k, v) for k, v in fields.items() if k not in _CORE_FIELDS),
         )
+
+
+RECORDED_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("prompt_2", "Prompt 2", "text"),
+    ("negative_prompt_2", "Negative prompt 2", "text"),
+    ("guidance_interval", "Guidance interval", "numbers"),
+    ("feature_cache", "Feature cache", "int"),
+    ("timesteps", "Timesteps", "numbers"),
+    ("sigmas", "Sigmas", "numbers"),
+    ("denoising_start", "Denoising start", "number"),
+    ("denoising_end", "Denoising end", "number"),
+    ("outpaint", "Outpaint", "ints"),
+    ("noise_level", "Noise level", "int"),
+    ("original_size", "Original size", "size"),
+    ("target_size", "Target size", "size"),
+    ("crops_coords_top_left", "Crop top left", "ints"),
+    ("negative_original_size", "Negative original size", "size"),
+    ("negative_target_size", "Negative target size", "size"),
+    ("negative_crops_coords_top_left", "Negative crop top left", "ints"),
+    ("aesthetic_score", "Aesthetic score", "number"),
+    ("negative_aesthetic_score", "Negative aesthetic score", "number"),
+)
+"""``generate`` keywords A1111 has no field for, as (keyword, field key, kind), in the
+order they are written. Kinds: ``text``; ``int``; ``number`` (all its digits, so it reads
+back equal); ``numbers`` (``"0.28, 5.42"``; ``inf`` for an open end); ``ints``
+(``"0, 0, 64, 0"``, in the keyword's order); ``size`` (a (height, width) pair written
+``WxH`` like A1111's ``Size``). A value with ``,`` or ``:`` is JSON-quoted, as every field."""
+
+NOT_RECORDED: dict[str, str] = {
+    "image": "an input picture; Denoising strength, Denoising start, Outpaint or Noise level "
+    "say that one was used (GenerationParameters.input_images)",
+    "mask_image": "an input picture; Mask blur: 0 says that one was used",
+    "control_image": "an input picture; the ControlNet N fields say which ControlNets read one",
+    "depth_map": "an input picture (a depth model estimates one from image= when it is not given)",
+    "latents": "a tensor of starting noise; the seed it was drawn from, if any, is not known",
+    "generator": "recorded as each generator's initial_seed(), which regenerates the image only "
+    "if the generator was fresh and on the CPU",
+    "prompt_embeds": "a tensor; the prompt is then written empty",
+    "negative_prompt_embeds": "a tensor; the negative prompt is then written empty",
+    "pooled_prompt_embeds": "a tensor",
+    "negative_pooled_prompt_embeds": "a tensor",
+    "num_images": "each PNG is one image with its own Seed; one int seed for several images "
+    "draws them all from one generator, so only the first one's PNG regenerates alone (pass "
+    "one seed per image, seed=[...], for PNGs that each regenerate alone)",
+    "callback": "does not change the pixels",
+    "progress": "does not change the pixels",
+    "output_type": "PNGs are written from PIL images (the same pixels in every output type)",
+}
+"""The ``generate`` keywords the text does not carry, with the reason. Every other keyword
+is a core field, an option of `RECORDED_OPTIONS`, ``prompt_syntax`` (``Emphasis``) or a
+ControlNet setting (``ControlNet N``)."""
+
+EMPHASIS = "Emphasis"
+"""A1111's field for how ``(word:1.2)`` is read; its ``None`` is latentkit's
+``prompt_syntax="plain"`` (brackets are text)."""
+PLAIN_EMPHASIS = "None"
+MASK_BLUR = "Mask blur"
+"""A1111's inpainting field; latentkit writes ``Mask blur: 0`` (it does not blur masks) so
+a PNG says that a mask was used."""
+
+CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
+"""A1111's ControlNet ``Control Mode`` for latentkit's ``guess_mode`` (A1111's "improved guess
+mode"; its soft weights differ from diffusers', so only latentkit reproduces the pixels)."""
+_CONTROLNET_KEY = re.compile(r"ControlNet (\d{1,4})")
+
+
+def controlnet_unit(
+    *, model: str, weight: float, start: float, end: float, guess_mode: bool
+) -> str:
+    """One ``ControlNet N`` value as A1111's ControlNet extension writes it (its
+    ``serialize_unit``: ``Key: value`` items joined by ``, ``; the whole field JSON-quoted):
+    ``Module: none`` (the control image was given as it is), ``Model: name [hash]``,
+    ``Weight`` (``control_scale``), ``Resize Mode: Just Resize`` (resized to the output
+    without cropping, as latentkit does), ``Guidance Start`` / ``Guidance End``
+    (``control_start`` / ``control_end``) and ``Control Mode`` (`CONTROL_MODES`)."""
+    items = [
+        ("Module", "none"),
+        ("Model", model),
+        ("Weight", _number(weight)),
+        ("Resize Mode", "Just Resize"),
+        ("Guidance Start", _number(start)),
+        ("Guidance End", _number(end)),
+        ("Control Mode", CONTROL_MODES[guess_mode]),
+    ]
+    return ", ".join(f"{key}: {value}" for key, value in items)
+
+
+def _unit_items(value: str) -> dict[str, str]:
+    """A ``ControlNet N`` value's items, split as the extension's ``parse_unit`` splits them
+    (at ``,`` then at the first ``: ``)."""
+    items = {}
+    for item in value.split(","):
+        key, sep, text = item.strip().partition(": ")
+        if sep:
+            items[key] = text
+    return items
+
+
+def _control_options(units: list[dict[str, str]]) -> dict[str, Any]:
+    """``control_scale``, ``control_start``, ``control_end`` and ``guess_mode`` from the
+    units (one value each for one ControlNet, else one per ControlNet); A1111's defaults
+    (1, 0, 1) for an item a unit lacks."""
+    if not units:
+        return {}
+    columns: dict[str, list[float]] = {}
+    for name, key, default in (
+        ("control_scale", "Weight", 1.0),
+        ("control_start", "Guidance Start", 0.0),
+        ("control_end", "Guidance End", 1.0),
+    ):
+        columns[name] = [
+            _read_option(f"ControlNet {i} {key}", unit[key], "number") if key in unit else default
+            for i, unit in enumerate(units)
+        ]
+    options: dict[str, Any] = {
+        name: values[0] if len(values) == 1 else values for name, values in columns.items()
+    }
+    options["guess_mode"] = all(u.get("Control Mode") == CONTROL_MODES[True] for u in units)
+    return options
+
+
+def option_fields(options: dict[str, Any]) -> list[tuple[str, str]]:
+    """The fields of the `RECORDED_OPTIONS` in ``options`` (keyword → value as ``generate``
+    took it), in the table's order, values unquoted (`GenerationParameters.a1111` quotes)."""
+    fields = []
+    for name, key, kind in RECORDED_OPTIONS:
+        if name not in options:
+            continue
+        value = options[name]
+        if kind == "text":
+            text = str(value)
+        elif kind == "int":
+            text = str(int(value))
+        elif kind == "number":
+            text = _number(float(value))
+        elif kind == "numbers":
+            text = ", ".join(_number(float(v)) for v in value)
+        elif kind == "ints":
+            text = ", ".join(str(int(v)) for v in value)
+        else:  # size: (height, width) written WxH
+            text = f"{int(value[1])}x{int(value[0])}"
+        fields.append((key, text))
+    return fields
+
+
+def _read_option(key: str, text: str, kind: str) -> Any:
+    """A field's value as its option's kind (the inverse of `option_fields`)."""
+    try:
+        if kind == "text":
+            return text
+        if kind == "int":
+            return int(text)
+        if kind == "number":
+            value = float(text)
+            if math.isnan(value):
+                raise ValueError(text)
+            return value
+        if kind in ("numbers", "ints"):
+            parts = [p.strip() for p in text.split(",")]
+            if kind == "ints":
+                return tuple(int(p) for p in parts)
+            values = tuple(float(p) for p in parts)
+            if any(math.isnan(v) for v in values):
+                raise ValueError(text)
+            return values
+        size = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+        if size is None:
+            raise ValueError(text)
+        return int(size.group(2)), int(size.group(1))  # WxH → (height, width)
+    except ValueError as e:
+        what = {
+            "int": "an integer",
+            "number": "a number",
+            "numbers": "numbers separated by commas",
+            "ints": "integers separated by commas",
+            "size": "WxH",
+        }[kind]
+        raise InvalidArgumentError(
+            f"the parameters field {key!r} must be {what}, got {text!r}"
+        ) from e
 
 
 _CORE_FIELDS = frozenset(

@@ -70,9 +70,12 @@ class ControlNetConditioner:
     name: ClassVar[str] = "controlnet"
     target: ClassVar[ConditionTarget] = "control"
 
-    def __init__(self, *, network: ControlNet, source: str = "") -> None:
+    def __init__(self, *, network: ControlNet, source: str = "", file: Path | None = None) -> None:
         self.network = network
         self.source = source
+        self.a1111_model = a1111_model(source, file)
+        """How the PNG names this ControlNet (`a1111_model`), taken now: the file may be gone
+        by the time an image is written."""
 
     def __repr__(self) -> str:
         return f"ControlNetConditioner({self.source!r})"
@@ -120,7 +123,7 @@ class ControlNetConditioner:
             network = ControlNet(config)
         tensors = read_state_dict(files.weights["controlnet"], device=device, dtype=dtype)
         load_into(network, tensors, name=f"ControlNet {files.name}")
-        return cls(network=network, source=files.name)
+        return cls(network=network, source=files.name, file=files.weights["controlnet"][0])
 
     def check_base(
         self, unet: UNetConfig, *, latent_channels: int, scale_factor: int, name: str
@@ -346,7 +349,34 @@ def load_single_file(
     with torch.device("meta"):
         network = ControlNet(config)
     load_into(network, tensors(), name=f"ControlNet {os.fspath(source)}")
-    return ControlNetConditioner(network=network, source=os.fspath(source))
+    return ControlNetConditioner(network=network, source=os.fspath(source), file=path)
+
+
+def a1111_model(source: str, file: Path | None) -> str:
+    """A ControlNet as A1111's ControlNet extension names it in PNGs: ``name [hash]``, the
+    hash A1111's short legacy one (``sd_models.model_hash``: the first 8 hex digits of the
+    sha256 of the 64 KiB from 1 MiB into the weights file, of nothing for a smaller file).
+    The name is a single file's without its ending (A1111's), a local folder's, else the
+    Hub repo id; ``,`` and ``:`` become ``_``, as the extension's reader splits items there.
+    Without a file (a network built in memory), the name alone."""
+    if is_single_file(source):
+        name = Path(source).stem
+    elif source and Path(source).expanduser().is_dir():
+        name = Path(source).expanduser().resolve().name
+    else:
+        name = source or "controlnet"
+    name = re.sub(r"[,:]", "_", name)
+    if file is None:
+        return name
+    import hashlib
+
+    try:
+        with open(file, "rb") as f:
+            f.seek(0x100000)
+            digest = hashlib.sha256(f.read(0x10000)).hexdigest()
+    except OSError:  # unreadable now: the name alone (A1111 writes NOFILE)
+        return name
+    return f"{name} [{digest[:8]}]"
 
 
 _ORIGINAL_NAMES = {
@@ -442,6 +472,8 @@ class ControlRun:
         self.images = tuple(images)
         """One control image per adapter, one row per image of the batch."""
         self.scales = tuple(scales)
+        self.windows = tuple(windows)
+        """Each net's (``control_start``, ``control_end``)."""
         self.guess_mode = guess_mode
         n = evaluations
         self.keep = [

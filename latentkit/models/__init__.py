@@ -6,12 +6,15 @@ from latentkit.models.autoencoder import (
     DiagonalGaussian,
     rename_legacy_key,
 )
+from latentkit.models.autoencoder_tiny import AutoencoderTiny, AutoencoderTinyConfig
 from latentkit.models.text_encoder import CLIPTextConfig, CLIPTextEncoder, TextEncoderOutput
 from latentkit.models.unet import UNet2DCondition, UNetConfig
 
 __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
+    "AutoencoderTiny",
+    "AutoencoderTinyConfig",
     "CLIPTextConfig",
     "CLIPTextEncoder",
     "DiagonalGaussian",

@@ -50,7 +50,17 @@ from latentkit.pipelines.sd import StableDiffusionFamily
 from latentkit.pipelines.tasks import ImageInputs, Start
 from latentkit.protocols import Generators, Scheduler, Seeds
 from latentkit.request import FAMILY_OPTIONS, Request, as_list, is_int, is_real, limits
-from latentkit.results import GenerationParameters, GenerationResult, to_output
+from latentkit.results import (
+    EMPHASIS,
+    MASK_BLUR,
+    PLAIN_EMPHASIS,
+    RECORDED_OPTIONS,
+    GenerationParameters,
+    GenerationResult,
+    controlnet_unit,
+    option_fields,
+    to_output,
+)
 from latentkit.saving import DEFAULTS_KEY, check_generation_defaults
 from latentkit.schedulers import custom
 from latentkit.tiles import map_tiles
@@ -645,25 +655,32 @@ class LatentDiffusion:
                     outputs = torch.stack(outputs)
         strength = None if inputs is None else inputs.strength
         sampler, schedule = schedulers.a1111_label(sched)
-        extras = self._extras(schedule, sched)
-        params = [
-            GenerationParameters(
-                prompt=prompts[0][i // request.num_images],
-                negative_prompt=negatives[0][i // request.num_images],
-                steps=steps,
-                scheduler=sampler,
-                guidance_scale=guidance,
-                seed=seeds[i],
-                width=width,
-                height=height,
-                model=self.model_name,
-                strength=strength if request.denoising_start is None else None,
-                clip_skip=request.clip_skip,
-                guidance_rescale=request.guidance_rescale,
-                extras=extras,
+        recorded = self._recorded(request)
+        params = []
+        for i in range(batch):
+            k = i // request.num_images
+            options = dict(recorded)
+            if len(self.text) > 1:  # the second encoder's prompts, where they were given
+                for name, lists in (("prompt_2", prompts), ("negative_prompt_2", negatives)):
+                    if getattr(request, name) is not None:
+                        options[name] = lists[1][k]
+            params.append(
+                GenerationParameters(
+                    prompt=prompts[0][k],
+                    negative_prompt=negatives[0][k],
+                    steps=steps,
+                    scheduler=sampler,
+                    guidance_scale=guidance,
+                    seed=seeds[i],
+                    width=width,
+                    height=height,
+                    model=self.model_name,
+                    strength=strength if request.denoising_start is None else None,
+                    clip_skip=request.clip_skip,
+                    guidance_rescale=request.guidance_rescale,
+                    extras=self._extras(schedule, sched, options, request, control),
+                )
             )
-            for i in range(batch)
-        ]
         return GenerationResult(images=outputs, parameters=params)
 
     @property
@@ -673,9 +690,31 @@ class LatentDiffusion:
         path = Path(self.name).expanduser()
         return path.stem if path.exists() else self.name
 
-    def _extras(self, schedule: str | None, sched: Scheduler) -> tuple[tuple[str, str], ...]:
+    def _recorded(self, request: Request) -> dict[str, Any]:
+        """The options of `RECORDED_OPTIONS` this call set (the upscaler's ``noise_level``
+        always: it is that family's main setting), as ``generate`` took them."""
+        given = request.given()
+        options = {
+            name: given[name]
+            for name, _, _ in RECORDED_OPTIONS
+            if name in given and name not in ("prompt_2", "negative_prompt_2", "noise_level")
+        }
+        if "noise_level" in self.spec.options:
+            options["noise_level"] = request.noise_level
+        return options
+
+    def _extras(
+        self,
+        schedule: str | None,
+        sched: Scheduler,
+        options: dict[str, Any],
+        request: Request,
+        control: controlnet.ControlRun | None,
+    ) -> tuple[tuple[str, str], ...]:
         """The A1111 fields after the core ones: schedule type, eta, model and adapter
-        hashes, version (what A1111 needs to reproduce the image, in its spelling)."""
+        hashes, the recorded ``options`` (`option_fields`), emphasis, the inpainting mask's
+        marker, the ControlNets' units, version: what it takes to regenerate the image, in
+        A1111's spelling where A1111 has the setting."""
         from latentkit import __version__
 
         extras: list[tuple[str, str]] = []
@@ -690,6 +729,22 @@ class LatentDiffusion:
             named = [f"{a.name}: {a.hash}" for a in self.adapters if a.kind == kind]
             if named:
                 extras.append((label, ", ".join(named)))
+        extras += option_fields(options)
+        if request.prompt_syntax == "plain":
+            extras.append((EMPHASIS, PLAIN_EMPHASIS))
+        if request.mask_image is not None:
+            extras.append((MASK_BLUR, "0"))  # a mask was used (latentkit does not blur it)
+        if control is not None:
+            for k, adapter in enumerate(control.adapters):
+                start, end = control.windows[k]
+                unit = controlnet_unit(
+                    model=adapter.a1111_model,
+                    weight=control.scales[k],
+                    start=start,
+                    end=end,
+                    guess_mode=control.guess_mode,
+                )
+                extras.append((f"ControlNet {k}", unit))
         extras.append(("Version", f"latentkit {__version__}"))
         return tuple(extras)
 
