@@ -244,7 +244,12 @@ def _with_vae(
         )
         return chosen
 
-    return dataclasses.replace(parts, configs={**parts.configs, "vae": config}, tensors=swapped)
+    return dataclasses.replace(
+        parts,
+        configs={**parts.configs, "vae": config},
+        tensors=swapped,
+        sources={**parts.sources, "vae": (path,)},
+    )
 
 
 _cache_lock = threading.Lock()

@@ -9,15 +9,25 @@ what a pipeline does with it while it generates.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from latentkit.backends import (
+    OPENVINO_PRECISIONS,
+    CudaGraphs,
+    OpenVINONetwork,
+    default_cache_dir,
+    import_openvino,
+)
 from latentkit.errors import InvalidArgumentError
+from latentkit.models.autoencoder import AutoencoderKL, KLDecoder
 from latentkit.models.layers import ATTENTION_BACKENDS, Attention, Conv2d, Upsample
 from latentkit.protocols import ControlResiduals
 
@@ -28,6 +38,8 @@ if TYPE_CHECKING:
 UNetCall = Callable[..., Tensor]
 """``(x, t, context)``, ``(x, t, context, vector)``, ``(x, t, context, vector, control)`` or
 ``(x, t, context, vector, control, class_labels)``: the UNet, eager, compiled or replayed."""
+
+BACKENDS = ("torch", "openvino")
 
 _AUTOCAST_DTYPES = {
     "bf16": torch.bfloat16,
@@ -103,6 +115,21 @@ class Performance:
     """Keep the networks in CPU memory and move each to the accelerator only while it runs
     (text encoder, then UNet, then autoencoder): peak accelerator memory is the largest
     network instead of all of them."""
+    backend: str = "torch"
+    """What runs the UNet and the autoencoder's decoder. ``"torch"``: PyTorch, eager or
+    compiled. ``"openvino"`` (CPU, float32 weights; ``pip install "latentkit-sdk[openvino]"``):
+    latentkit's own modules converted by OpenVINO once per image size and run by it with
+    static shapes, in float32, or in bf16/fp16 when `autocast` says so; the loop, samplers,
+    seeds and the rest stay latentkit's. See docs/performance.md for speeds and differences."""
+    quantize: str | None = None
+    """``"int8"`` (``backend="openvino"`` only): weights of every convolution and matrix
+    product in 8 bits with a per-channel scale and zero point (NNCF weight compression),
+    computed in the `autocast` precision: a quarter of the UNet's float32 memory."""
+    cache_dir: str | os.PathLike[str] | None = None
+    """Where ``backend="openvino"`` keeps converted networks, keyed by the weight files,
+    adapters, image size and options, so that a later load skips the conversion (a minute
+    or two for SD 1.5). None: ``$LATENTKIT_CACHE/openvino``, else
+    ``~/.cache/latentkit/openvino``."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:
@@ -126,6 +153,23 @@ class Performance:
         for name in ("compile", "cuda_graphs", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True or False")
+        if self.backend not in BACKENDS:
+            raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.quantize not in (None, "int8"):
+            raise InvalidArgumentError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.quantize is not None and self.backend != "openvino":
+            raise InvalidArgumentError(
+                'quantize="int8" runs on the OpenVINO backend: pass backend="openvino" too'
+            )
+        if self.backend == "openvino":
+            for name in ("compile", "cuda_graphs", "cpu_offload"):
+                if getattr(self, name):
+                    raise InvalidArgumentError(
+                        f'backend="openvino" compiles the networks itself; {name}=True is '
+                        "for the torch backend"
+                    )
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str | os.PathLike):
+            raise InvalidArgumentError(f"cache_dir must be a path, got {self.cache_dir!r}")
         for name in ("channels_last", "fuse_qkv", "conv_gemm", "upsample_phases"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be True, False or None (automatic)")
@@ -170,12 +214,26 @@ class Runtime:
         self.unet_tiling = performance.tiling("unet")
         self._unet_call: UNetCall | None = None
         self._unet_module: nn.Module | None = None  # eager, for calls with a FeatureCache
+        self.identity: dict[str, str] = {}
         # cpu_offload moves shared modules: one generate() at a time.
         self._lock = threading.Lock() if performance.cpu_offload else None
 
-    def check(self) -> None:
-        """Refuse options the device cannot honour, before any weights are read."""
+    def check(self, dtype: torch.dtype | None = None) -> None:
+        """Refuse options the device (or the weights' ``dtype``) cannot honour, before any
+        weights are read."""
         p, kind = self.performance, self.device.type
+        if p.backend == "openvino":
+            if kind != "cpu":
+                raise InvalidArgumentError(
+                    f'backend="openvino" runs on the CPU; this pipeline runs on {kind}'
+                )
+            if dtype is not None and dtype != torch.float32:
+                raise InvalidArgumentError(
+                    'backend="openvino" converts float32 weights (it lowers the precision '
+                    "itself): load with dtype='fp32' and pick the precision with "
+                    "autocast='bf16'"
+                )
+            import_openvino()  # MissingDependencyError now, not after loading
         if p.cuda_graphs and kind != "cuda":
             raise InvalidArgumentError(
                 f"cuda_graphs needs a CUDA device, this pipeline runs on {kind}"
@@ -191,6 +249,11 @@ class Runtime:
         eagerly on the whole latents: its evaluations differ from call to call, which a
         compiled graph or a captured CUDA graph cannot follow, and tiles would need a cache
         each."""
+        if self.performance.backend != "torch":
+            raise InvalidArgumentError(
+                f"feature_cache needs the eager torch backend, not "
+                f"backend={self.performance.backend!r}: load the pipeline without it to use it"
+            )
         for name in ("compile", "cuda_graphs"):
             if getattr(self.performance, name):
                 raise InvalidArgumentError(
@@ -213,15 +276,29 @@ class Runtime:
         """Whether ``network`` ("unet", "vae", ...) runs NHWC (see `Performance.channels_last`)."""
         if self.performance.channels_last is not None:
             return self.performance.channels_last
+        if self.performance.backend != "torch":
+            return False  # the runtime picks its own layouts
         return self.device.type == "cpu" and network == "vae"
 
-    def prepare(self, unet: nn.Module, vae: nn.Module) -> None:
-        """Apply the module-level options to the UNet and the autoencoder, in place."""
+    def prepare(
+        self, unet: nn.Module, vae: nn.Module, *, identity: Mapping[str, str] | None = None
+    ) -> None:
+        """Apply the module-level options to the UNet and the autoencoder, in place.
+
+        ``identity`` names each network's weights (``"unet"``, ``"vae"``: see
+        `latentkit.backends.weight_identity`); the OpenVINO backend keys its disk cache on it.
+        """
         p = self.performance
         for name, module in (("unet", unet), ("vae", vae)):
             self.configure(module, name)
+        self.identity = dict(identity or {})
         call: UNetCall = unet
-        if p.compile:
+        if p.backend == "openvino":
+            call = self._openvino(unet, "unet")
+            # Kept when set: pipelines made by with_lora share the autoencoder.
+            if isinstance(vae, AutoencoderKL) and vae.decode_network is None:
+                vae.decode_network = self._openvino(KLDecoder(vae), "vae")
+        elif p.compile:
             # dynamic=False: one graph per input shape; a new step, prompt or seed with the
             # same shapes reuses it (tests check that the second call compiles nothing).
             if p.cuda_graphs:
@@ -244,6 +321,19 @@ class Runtime:
         self._unet_call = call
         self._unet_module = unet
 
+    def _openvino(self, module: nn.Module, name: str) -> OpenVINONetwork:
+        p = self.performance
+        dtype = None if p.autocast is None else autocast_dtype(p.autocast)
+        cache = default_cache_dir() if p.cache_dir is None else Path(p.cache_dir)
+        return OpenVINONetwork(
+            module,
+            name=name,
+            precision=OPENVINO_PRECISIONS[dtype],
+            int8=p.quantize == "int8",
+            identity=self.identity.get(name),
+            cache_dir=cache,
+        )
+
     def configure(self, module: nn.Module, name: str) -> None:
         """Apply the module-level options (GEMM convolutions, upsampling by phases, the
         attention kernel and slicing, fused projections, memory layout) to the network
@@ -251,7 +341,9 @@ class Runtime:
         autoencoder, ``LatentDiffusion.with_controlnet`` for a ControlNet."""
         p = self.performance
         fuse = self.device.type == "cuda" if p.fuse_qkv is None else p.fuse_qkv
-        gemm = self.device.type == "cpu" if p.conv_gemm is None else p.conv_gemm
+        # im2col GEMMs help PyTorch's CPU kernels; OpenVINO's own convolutions are faster.
+        eager_cpu = self.device.type == "cpu" and p.backend == "torch"
+        gemm = eager_cpu if p.conv_gemm is None else p.conv_gemm
         phases = self.device.type == "cpu" if p.upsample_phases is None else p.upsample_phases
         for layer in module.modules():
             if isinstance(layer, Conv2d):
@@ -334,68 +426,3 @@ class Runtime:
                 module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-
-
-class CudaGraphs:
-    """Replay ``fn(x, t, context[, vector[, control]])`` from a CUDA graph captured once per
-    input signature (``vector`` may be None, ``control`` is `ControlResiduals`).
-
-    The graph reads its inputs from static buffers, so each call copies the arguments in,
-    replays, and returns a copy of the static output (the next replay overwrites it).
-    """
-
-    def __init__(self, fn: Callable[..., Tensor]) -> None:
-        self.fn = fn
-        self.graphs: dict[tuple[Any, ...], tuple[Any, tuple[Tensor, ...], Tensor]] = {}
-
-    def __call__(self, x: Tensor, t: Tensor, *rest: Tensor | ControlResiduals | None) -> Tensor:
-        t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
-        # The graph's inputs are flat tensors; `layout` says how they make the arguments.
-        tensors: list[Tensor] = [x, t]
-        layout: list[int | None] = []  # per argument after t: None, -1 (a tensor), or n (control)
-        for arg in rest:
-            if arg is None:
-                layout.append(None)
-            elif isinstance(arg, ControlResiduals):
-                layout.append(len(arg.down))
-                tensors += [*arg.down, arg.mid]
-            else:
-                layout.append(-1)
-                tensors.append(arg)
-        key = (tuple(layout), *((a.shape, a.dtype, a.stride()) for a in tensors))
-        if key not in self.graphs:
-            static = tuple(a.clone() for a in tensors)
-            args = _arguments(static, layout)
-            # Warm up on a side stream (allocations and lazy init must not be captured).
-            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.fn(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.fn(*args)
-            self.graphs[key] = (graph, static, out)
-        graph, static, out = self.graphs[key]
-        for buffer, value in zip(static, tensors, strict=True):
-            buffer.copy_(value)
-        graph.replay()
-        return out.clone()
-
-
-def _arguments(tensors: Sequence[Tensor], layout: Sequence[int | None]) -> list[Any]:
-    """The call's arguments from `CudaGraphs`' flat tensors: x, t, then per ``layout`` entry
-    None, one tensor (-1) or `ControlResiduals` of n skip tensors and the middle one (n)."""
-    args: list[Any] = [tensors[0], tensors[1]]
-    i = 2
-    for kind in layout:
-        if kind is None:
-            args.append(None)
-        elif kind < 0:
-            args.append(tensors[i])
-            i += 1
-        else:
-            args.append(ControlResiduals(tuple(tensors[i : i + kind]), tensors[i + kind]))
-            i += kind + 1
-    return args

@@ -345,6 +345,18 @@ class Decoder(nn.Module):
         return out
 
 
+class KLDecoder(nn.Module):
+    """An `AutoencoderKL`'s decoding of unscaled latents (``post_quant_conv``, then the
+    decoder) as a module of its own, for a backend that converts modules."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.vae._decode_eager(z)
+
+
 class AutoencoderKL(nn.Module):
     """Stable Diffusion's VAE. Implements `latentkit.protocols.Autoencoder`.
 
@@ -365,6 +377,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = Conv2d(2 * c, 2 * c, kernel_size=1) if config.use_quant_conv else None
         self.post_quant_conv = Conv2d(c, c, kernel_size=1) if config.use_post_quant_conv else None
+        self.decode_network: Callable[[Tensor], Tensor] | None = None
+        """What decodes unscaled latents in place of `KLDecoder`'s eager forward: set by
+        `latentkit.performance.Runtime` for another backend (OpenVINO), else None."""
 
     def posterior(self, images: Tensor, *, tiling: Tiling | None = None) -> DiagonalGaussian:
         """The posterior ``q(z | x)`` for ``images`` (B, 3, H, W) in [-1, 1], before scaling.
@@ -418,6 +433,11 @@ class AutoencoderKL(nn.Module):
         return moments
 
     def _decode_unscaled(self, z: Tensor) -> Tensor:
+        if self.decode_network is not None:
+            return self.decode_network(z)
+        return self._decode_eager(z)
+
+    def _decode_eager(self, z: Tensor) -> Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         images: Tensor = self.decoder(z)

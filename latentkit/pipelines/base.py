@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -209,7 +210,7 @@ class LatentDiffusion:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         runtime = Runtime(performance or Performance(), dev)
-        runtime.check()
+        runtime.check(dt)
         home = runtime.storage_device  # the CPU when offloading, else the device
         scheduler_config = dict(parts.configs["scheduler"])
         scheduler = schedulers.from_config(scheduler_config)
@@ -265,7 +266,7 @@ class LatentDiffusion:
                 )
                 bar.update()
             depth = parts.depth(home, dt) if parts.depth is not None else None
-            runtime.prepare(unet, vae)
+            runtime.prepare(unet, vae, identity=_identity(parts, runtime, dt))
             bar.update()
         model_index = parts.model_index
         return cls(
@@ -340,9 +341,13 @@ class LatentDiffusion:
             for t in self.text
         )
         # A runtime of its own: the base's holds the base UNet (compiled or captured).
-        runtime = Runtime(self.performance, self.device)
-        runtime.prepare(unet, self.vae)
         record = AdapterRecord.of("lora", path, scale=float(scale))
+        assert self.runtime is not None
+        identity = dict(self.runtime.identity)
+        if "unet" in identity:  # the UNet's weights are the base's and this LoRA
+            identity["unet"] += f"+lora:{record.hash}:{scale!r}:{fuse}"
+        runtime = Runtime(self.performance, self.device)
+        runtime.prepare(unet, self.vae, identity=identity)
         return dataclasses.replace(
             self, unet=unet, text=text, runtime=runtime, adapters=(*self.adapters, record)
         )
@@ -1069,6 +1074,23 @@ class LatentDiffusion:
         else:
             latents = self.vae.encode(pixels, generator=generators, tiling=tiling)
         return latents.to(self.dtype)
+
+
+def _identity(parts: Parts, runtime: Runtime, dtype: torch.dtype) -> dict[str, str]:
+    """Names of the UNet's and autoencoder's weights for a backend's disk cache
+    (`latentkit.backends.weight_identity`): only the OpenVINO backend needs them, and
+    naming them reads the first MiB of each file."""
+    if runtime.performance.backend == "torch":
+        return {}
+    from latentkit.backends import weight_identity
+
+    return {
+        c: weight_identity(
+            parts.source(c), extra=[str(dtype), json.dumps(parts.configs[c], sort_keys=True)]
+        )
+        for c in ("unet", "vae")
+        if parts.source(c)
+    }
 
 
 def rescale_guidance(out: torch.Tensor, out_text: torch.Tensor, phi: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ configs-only component. Also here: what a pipeline records of the files it was m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -81,6 +82,13 @@ class Parts:
     """Builds the depth estimator of a depth-to-image model."""
     file: Path | None = None
     """The single checkpoint file the parts come from, if they do."""
+    sources: Mapping[str, tuple[Path, ...]] = dataclasses.field(default_factory=dict)
+    """Component → the files (or folder) its weights are read from, where that is not
+    `file`: names the weights for caches of converted networks."""
+
+    def source(self, component: str) -> tuple[Path, ...]:
+        """The files ``component``'s weights are read from (none if unknown)."""
+        return self.sources.get(component) or ((self.file,) if self.file is not None else ())
 
     @classmethod
     def from_files(cls, files: ModelFiles, *, family: type[Family]) -> Parts:
@@ -114,6 +122,7 @@ class Parts:
             | {"scheduler": scheduler_config(files)},
             encoders=encoders,
             tensors=tensors,
+            sources=files.weights,
             # latentkit's own CLIP tokenizer: the same ids as transformers', without
             # importing transformers (most of a small model's load time).
             tokenizer=lambda e: CLIPTokenizer.from_pretrained(files.root / folders[e]),

@@ -1,0 +1,313 @@
+"""Other ways to run a network's forward call: CUDA graphs, and OpenVINO on the CPU.
+
+Both replace one network call (the UNet's, the autoencoder decoder's) by a graph built once
+per input signature, while the pipeline keeps its own loop, samplers, seeds and API. Their
+inputs are the call's tensors flattened (`flatten`), since a graph takes a flat list.
+
+OpenVINO (`Performance(backend="openvino")`) converts latentkit's own modules with
+``openvino.convert_model`` and runs them with static shapes. On the 2-core AVX-512 CPU of
+docs/performance.md its convolutions and GEMMs run closer to the machine's peak than
+PyTorch's eager path does, and the layers between them (GroupNorm + SiLU, residual adds,
+layout changes) are fused into them. Converting SD 1.5's UNet takes a minute or two, so
+the converted model is kept on disk (`OpenVINONetwork`'s ``cache_dir``) under a key of
+the weights' files, the input shapes and the options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from latentkit.errors import MissingDependencyError
+from latentkit.protocols import ControlResiduals
+
+logger = logging.getLogger(__name__)
+
+Layout = tuple[int | None, ...]
+"""How a call's arguments map to flat tensors: per argument None (absent), -1 (one tensor)
+or n (`ControlResiduals` of n skip tensors, then the middle one)."""
+
+
+def flatten(args: Sequence[Tensor | ControlResiduals | None]) -> tuple[list[Tensor], Layout]:
+    """The tensors of a call's arguments in order, and their `Layout`."""
+    tensors: list[Tensor] = []
+    layout: list[int | None] = []
+    for arg in args:
+        if arg is None:
+            layout.append(None)
+        elif isinstance(arg, ControlResiduals):
+            layout.append(len(arg.down))
+            tensors += [*arg.down, arg.mid]
+        else:
+            layout.append(-1)
+            tensors.append(arg)
+    return tensors, tuple(layout)
+
+
+def unflatten(tensors: Sequence[Tensor], layout: Layout) -> list[Any]:
+    """The call's arguments from `flatten`'s tensors and layout."""
+    args: list[Any] = []
+    i = 0
+    for kind in layout:
+        if kind is None:
+            args.append(None)
+        elif kind < 0:
+            args.append(tensors[i])
+            i += 1
+        else:
+            args.append(ControlResiduals(tuple(tensors[i : i + kind]), tensors[i + kind]))
+            i += kind + 1
+    return args
+
+
+class CudaGraphs:
+    """Replay ``fn(x, t, context[, vector[, control]])`` from a CUDA graph captured once per
+    input signature (``vector`` may be None, ``control`` is `ControlResiduals`).
+
+    The graph reads its inputs from static buffers, so each call copies the arguments in,
+    replays, and returns a copy of the static output (the next replay overwrites it).
+    """
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple[Any, ...], tuple[Any, tuple[Tensor, ...], Tensor]] = {}
+
+    def __call__(self, x: Tensor, t: Tensor, *rest: Tensor | ControlResiduals | None) -> Tensor:
+        t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
+        tensors, layout = flatten((x, t, *rest))
+        key = (layout, *((a.shape, a.dtype, a.stride()) for a in tensors))
+        if key not in self.graphs:
+            static = tuple(a.clone() for a in tensors)
+            args = unflatten(static, layout)
+            # Warm up on a side stream (allocations and lazy init must not be captured).
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(*args)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for buffer, value in zip(static, tensors, strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+
+OPENVINO_PRECISIONS = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+"""OpenVINO's ``INFERENCE_PRECISION_HINT`` for `Performance.autocast`. Set always: on a CPU
+with AVX-512 BF16 OpenVINO's own default is bf16, which would make fp32 a silent bf16."""
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module, or `MissingDependencyError` naming the extra."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise MissingDependencyError(
+            'Performance(backend="openvino") needs OpenVINO: pip install "latentkit-sdk[openvino]"'
+        ) from e
+    return openvino
+
+
+class _Flat(nn.Module):
+    """``fn`` as a module of flat tensor inputs, for tracing (OpenVINO takes no None or
+    tuples of tensors as inputs)."""
+
+    def __init__(self, fn: nn.Module, layout: Layout) -> None:
+        super().__init__()
+        self.fn = fn
+        self.layout = layout
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        out: Tensor = self.fn(*unflatten(tensors, self.layout))
+        return out
+
+
+class OpenVINONetwork:
+    """``module``'s forward call run by OpenVINO on the CPU, converted and compiled once per
+    input signature (static shapes: OpenVINO's fastest kernels are chosen per shape).
+
+    ``precision`` is OpenVINO's inference precision (``"f32"``, ``"bf16"``, ``"f16"``);
+    ``int8`` compresses the weights of every convolution and matrix product to 8 bits with
+    a zero point and a scale per output channel (NNCF's ``INT8_ASYM``: w ≈ s·(q − z)),
+    computed in ``precision``. ``identity`` names the weights (their files and adapters,
+    `latentkit.pipelines.parts.Parts.sources`): with it and a ``cache_dir``, a converted
+    model is saved there and later loads skip the conversion; without it nothing is cached
+    on disk (a network from memory has no name that says its weights are the same).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        name: str,
+        precision: str,
+        int8: bool,
+        identity: str | None,
+        cache_dir: Path | None,
+    ) -> None:
+        self.module = module
+        self.name = name
+        self.precision = precision
+        self.int8 = int8
+        self.identity = identity
+        self.cache_dir = cache_dir
+        self._compiled: dict[tuple[Any, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Tensor | ControlResiduals | None) -> Tensor:
+        tensors, layout = flatten(args)
+        tensors = [a.detach().contiguous() for a in tensors]
+        key = (layout, *((tuple(a.shape), a.dtype) for a in tensors))
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                compiled = self._compiled[key] = self._compile(tensors, layout)
+        # One request per call: a compiled model serves concurrent requests, so pipelines
+        # stay safe to call from several threads.
+        request = compiled.create_infer_request()
+        out = request.infer([a.numpy() for a in tensors], share_inputs=True)
+        return torch.from_numpy(out[0].copy())
+
+    def _compile(self, tensors: Sequence[Tensor], layout: Layout) -> Any:
+        ov = import_openvino()
+        path = self._cached_path(tensors, layout)
+        if path is not None and path.exists():
+            model = ov.Core().read_model(path)
+        else:
+            model = self._convert(tensors, layout)
+            if path is not None:
+                _save_atomically(ov, model, path)
+        config = {
+            "INFERENCE_PRECISION_HINT": self.precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        }
+        return ov.Core().compile_model(model, "CPU", config)
+
+    def _convert(self, tensors: Sequence[Tensor], layout: Layout) -> Any:
+        ov = import_openvino()
+        logger.info("converting %s for OpenVINO (once per input shape)", self.name)
+        flat = _Flat(self.module, layout).eval()
+        # Traced in float32 without autocast: OpenVINO lowers precision itself at compile
+        # time (INFERENCE_PRECISION_HINT), keeping the model's weights exact on disk.
+        with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
+            # Tracing warns about every Python branch on a shape; shapes are static here.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
+            model = ov.convert_model(
+                flat,
+                example_input=tuple(tensors),
+                input=[(tuple(a.shape), _ov_type(ov, a.dtype)) for a in tensors],
+            )
+        if self.int8:
+            try:
+                import nncf
+            except ImportError as e:
+                raise MissingDependencyError(
+                    'Performance(quantize="int8") needs NNCF: pip install "latentkit-sdk[openvino]"'
+                ) from e
+            nncf.set_log_level(logging.WARNING)  # not a table of bit widths per network
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        return model
+
+    def _cached_path(self, tensors: Sequence[Tensor], layout: Layout) -> Path | None:
+        if self.identity is None or self.cache_dir is None:
+            return None
+        import latentkit
+
+        key = json.dumps(
+            [
+                latentkit.__version__,
+                import_openvino().__version__,
+                self.name,
+                self.identity,
+                self.int8,
+                list(layout),
+                [[list(a.shape), str(a.dtype)] for a in tensors],
+                _module_options(self.module),
+            ]
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return self.cache_dir / f"{self.name}-{digest}.xml"
+
+
+def _module_options(module: nn.Module) -> list[str]:
+    """The per-layer choices that change the traced graph (`Runtime.configure`)."""
+    seen = set()
+    for layer in module.modules():
+        for attr in ("gemm", "phases", "backend", "slice_size", "to_qkv", "to_kv"):
+            if hasattr(layer, attr):
+                value = getattr(layer, attr)
+                shown = repr(value) if value is None or isinstance(value, str | int) else "yes"
+                seen.add(f"{type(layer).__name__}.{attr}={shown}")
+    return sorted(seen)
+
+
+def _ov_type(ov: Any, dtype: torch.dtype) -> Any:
+    types = {
+        torch.float32: ov.Type.f32,
+        torch.int64: ov.Type.i64,
+        torch.int32: ov.Type.i32,
+        torch.bfloat16: ov.Type.bf16,
+        torch.float16: ov.Type.f16,
+    }
+    return types[dtype]
+
+
+def _save_atomically(ov: Any, model: Any, path: Path) -> None:
+    """Write ``path`` (.xml) and its .bin so that a reader sees both or neither: into a
+    temporary folder beside them, then renamed (.bin first, as the .xml is what is looked
+    up). A failure to write leaves the model unsaved, with a warning, not the call failed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".saving-") as tmp:
+            staged = Path(tmp) / path.name
+            ov.save_model(model, staged, compress_to_fp16=False)
+            os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+            os.replace(staged, path)
+    except OSError as e:
+        logger.warning("could not keep the converted model in %s: %s", path.parent, e)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def weight_identity(files: Sequence[Path], *, extra: Sequence[object] = ()) -> str:
+    """A name for weights read from ``files``: each file's resolved path, size, modification
+    time and the sha256 of its first 1 MiB (a safetensors header with every tensor's offsets,
+    and the start of the data), plus ``extra`` (dtype, adapters). Reading 1 MiB instead of
+    the whole file keeps a load from touching gigabytes of weights it may not need."""
+    parts: list[object] = [str(e) for e in extra]
+    for path in sorted(files):
+        paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for p in paths:
+            stat = p.stat()
+            with open(p, "rb") as f:
+                head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+            parts.append([str(p.resolve()), stat.st_size, stat.st_mtime_ns, head])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Where converted models are kept: ``$LATENTKIT_CACHE/openvino``, else
+    ``$XDG_CACHE_HOME/latentkit/openvino`` (``~/.cache/latentkit/openvino``)."""
+    root = os.environ.get("LATENTKIT_CACHE")
+    if root:
+        return Path(root) / "openvino"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "latentkit" / "openvino"

@@ -1,0 +1,198 @@
+"""Performance(backend="openvino"): latentkit's own UNet and decoder converted and run by
+OpenVINO, checked against the eager torch path on the same weights and seeds.
+
+Tolerances: float32 images within 1e-4 of the torch path (float rounding of another set of
+kernels); bf16 and int8 weights are lossy, so those are bounded by what they cost on the tiny
+random models (measured 0.064 and 0.045 max abs on [0, 1] pixels; the bounds leave 2x).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import latentkit
+from latentkit.backends import OpenVINONetwork, weight_identity
+from latentkit.errors import InvalidArgumentError, MissingDependencyError
+
+pytest.importorskip("openvino")
+
+FP32 = 1e-4
+KW: dict[str, Any] = dict(steps=3, seed=1, height=64, width=64, output_type="pt", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ov_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(sd1_path: Path) -> Any:
+    return latentkit.load_pipeline(sd1_path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ov_pipe(sd1_path: Path, ov_cache: Path) -> Any:
+    performance = latentkit.Performance(backend="openvino", cache_dir=ov_cache)
+    return latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
+
+
+def _diff(a: Any, b: Any) -> float:
+    return float((a.images - b.images).abs().max())
+
+
+def test_float32_equals_the_torch_path(torch_pipe: Any, ov_pipe: Any) -> None:
+    for prompt in ("a cat", ["a red square", "a blue circle"]):
+        want = torch_pipe.generate(prompt, **KW)
+        got = ov_pipe.generate(prompt, **KW)
+        assert got.images.shape == want.images.shape
+        assert _diff(got, want) <= FP32
+    # img2img: the encoder stays torch, the UNet and the decoder are OpenVINO's.
+    image = torch_pipe.generate("a cat", **KW).images
+    want = torch_pipe.generate("a dog", image=image, strength=0.6, **KW)
+    assert _diff(ov_pipe.generate("a dog", image=image, strength=0.6, **KW), want) <= FP32
+
+
+def test_a_second_load_reads_the_converted_model_from_disk(
+    sd1_path: Path, ov_cache: Path, ov_pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = ov_pipe.generate("a cat", **KW)
+    files = sorted(p.name for p in ov_cache.iterdir())
+    assert {f.split("-")[0] for f in files if f.endswith(".xml")} == {"unet", "vae"}
+
+    def no_conversion(*args: Any) -> None:
+        raise AssertionError("converted again although the disk cache has the network")
+
+    monkeypatch.setattr(OpenVINONetwork, "_convert", no_conversion)
+    performance = latentkit.Performance(backend="openvino", cache_dir=ov_cache)
+    again = latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
+    assert torch.equal(again.generate("a cat", **KW).images, first.images)
+    assert sorted(p.name for p in ov_cache.iterdir()) == files  # nothing added
+
+
+def test_changed_weights_are_not_read_from_the_cache(tmp_path: Path, sd1_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes((sd1_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    before = weight_identity([weights])
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    assert weight_identity([weights]) != before  # rewritten: a new modification time
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(bytes(data))
+    assert weight_identity([copy]) != weight_identity([weights])  # another file
+
+
+def test_lora_converts_its_own_unet(
+    torch_pipe: Any, ov_pipe: Any, sd1_lora_path: Path, ov_cache: Path
+) -> None:
+    want = torch_pipe.with_lora(sd1_lora_path, scale=0.8).generate("a cat", **KW)
+    got = ov_pipe.with_lora(sd1_lora_path, scale=0.8).generate("a cat", **KW)
+    assert _diff(got, want) <= FP32
+    assert _diff(got, ov_pipe.generate("a cat", **KW)) > 1e-3  # the LoRA did change it
+    assert len([p for p in ov_cache.iterdir() if p.name.startswith("unet-")]) >= 4
+
+
+def test_controlnet_residuals_are_inputs_of_the_converted_unet(
+    torch_pipe: Any, ov_pipe: Any, sd1_controlnet_path: Path
+) -> None:
+    control = torch.rand(1, 3, 64, 64)
+    kw = dict(KW, control_image=control, control_scale=0.7)
+    want = torch_pipe.with_controlnet(sd1_controlnet_path).generate("a cat", **kw)
+    got = ov_pipe.with_controlnet(sd1_controlnet_path).generate("a cat", **kw)
+    assert _diff(got, want) <= FP32
+
+
+@pytest.mark.parametrize(
+    ("options", "bound"), [({"autocast": "bf16"}, 0.13), ({"quantize": "int8"}, 0.09)]
+)
+def test_lossy_precisions_stay_close(
+    sd1_path: Path, ov_cache: Path, torch_pipe: Any, options: dict[str, Any], bound: float
+) -> None:
+    performance = latentkit.Performance(backend="openvino", cache_dir=ov_cache, **options)
+    pipe = latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
+    got, want = pipe.generate("a cat", **KW), torch_pipe.generate("a cat", **KW)
+    assert 0 < _diff(got, want) <= bound
+    assert bool(torch.isfinite(got.images).all())
+
+
+def test_int8_keeps_eight_bit_weights_on_disk(sd1_path: Path, ov_cache: Path) -> None:
+    performance = latentkit.Performance(backend="openvino", cache_dir=ov_cache, quantize="int8")
+    latentkit.load_pipeline(sd1_path, progress=False, performance=performance).generate(
+        "a cat", **KW
+    )
+    import openvino as ov
+
+    kinds = {}
+    for xml in ov_cache.glob("unet-*.xml"):
+        model = ov.Core().read_model(xml)
+        types = {
+            op.get_output_element_type(0).get_type_name()
+            for op in model.get_ops()
+            if op.get_type_name() == "Constant"
+        }
+        kinds[xml.name] = types
+    assert any("u8" in t for t in kinds.values()), kinds  # the compressed one
+    assert any("u8" not in t for t in kinds.values()), kinds  # the float32 one
+
+
+def test_threads_share_one_pipeline(torch_pipe: Any, ov_pipe: Any) -> None:
+    want = {seed: torch_pipe.generate("a cat", **dict(KW, seed=seed)).images for seed in (3, 4)}
+    got: dict[int, torch.Tensor] = {}
+
+    def run(seed: int) -> None:
+        got[seed] = ov_pipe.generate("a cat", **dict(KW, seed=seed)).images
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed, images in want.items():
+        assert float((got[seed] - images).abs().max()) <= FP32
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"backend": "onnx"}, "backend must be one of"),
+        ({"quantize": "int8"}, "OpenVINO backend"),
+        ({"backend": "openvino", "quantize": "int4"}, "quantize must be"),
+        ({"backend": "openvino", "compile": True}, "compile=True"),
+        ({"backend": "openvino", "cache_dir": 3}, "cache_dir must be a path"),
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        latentkit.Performance(**options)
+
+
+def test_refusals_come_before_any_weight_is_read(
+    sd1_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import latentkit.pipelines.base as base
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(base, "load_into", no_loading)
+    ov = latentkit.Performance(backend="openvino")
+    with pytest.raises(InvalidArgumentError, match="float32 weights"):
+        latentkit.load_pipeline(sd1_path, progress=False, performance=ov, dtype="bf16")
+    monkeypatch.setattr("latentkit.backends.import_openvino", _missing)
+    monkeypatch.setattr("latentkit.performance.import_openvino", _missing)
+    with pytest.raises(MissingDependencyError, match=r"latentkit-sdk\[openvino\]"):
+        latentkit.load_pipeline(sd1_path, progress=False, performance=ov)
+
+
+def _missing() -> None:
+    raise MissingDependencyError('needs OpenVINO: pip install "latentkit-sdk[openvino]"')
+
+
+def test_feature_cache_is_refused(ov_pipe: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="feature_cache needs the eager torch"):
+        ov_pipe.generate("a cat", feature_cache=2, **KW)
