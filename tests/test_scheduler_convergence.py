@@ -358,6 +358,7 @@ MOMENTS = [
     Moments("ddim", 500, {"eta": 1.0, "clip_sample": False}),
     Moments("euler-ancestral", 500),
     Moments("dpm-solver++-sde", 100),
+    Moments("restart", 100),  # two restarts of 25 Heun steps (A1111's schedule)
     Moments("lcm", 4, consistency=True),
     Moments("lcm", 1, consistency=True),
 ]

@@ -42,6 +42,11 @@ REPEATS = {
     "unipc": "rounded timesteps of close Karras sigmas may repeat, as in diffusers",
 }
 
+# Samplers whose timesteps rise again on purpose, and why; between the rises they never increase.
+RISES = {
+    "restart": "each restart goes back up to s_max (between restarts, Heun's repeats)",
+}
+
 # Samplers with two evaluations per step (every second timestep a midpoint's): the midpoint
 # timestep lies between its step's two up to their rounding to integers (Karras timesteps of
 # the KDPM2 classes, as diffusers rounds them, may repeat too) and to float32 (an ancestral
@@ -109,6 +114,9 @@ def test_timesteps_are_decreasing_training_timesteps(scheduler: Scheduler, steps
         firsts, mids = timesteps[::2].double(), timesteps[1::2].double()
         assert (firsts.diff() <= 0).all(), f"{name}: timesteps must not increase: {timesteps}"
         assert ((mids <= firsts[:-1] + 0.5) & (mids >= firsts[1:] - 0.5)).all(), timesteps
+    elif name in RISES:
+        rises = int((taken > 0).sum())
+        assert rises == scheduler.restarts(steps)[1], f"{name}: {timesteps}"  # type: ignore[attr-defined]
     elif name in REPEATS:
         assert (taken <= 0).all(), f"{name}: timesteps must not increase: {timesteps}"
     else:

@@ -67,6 +67,7 @@ TESTED_ELSEWHERE = {
     "dpm2-ancestral": "test_schedulers_two_stage",
     "dpm-solver++-2s-sde": "test_schedulers_two_stage",
     "dpm-solver++-2s-ancestral": "no diffusers counterpart; test_schedulers_two_stage*",
+    "restart": "no diffusers counterpart; test_schedulers_restart (Heun without restarts)",
 }
 NAMES = [name for name in schedulers.names() if name not in TESTED_ELSEWHERE]
 STEPS = (4, 10, 25)

@@ -858,22 +858,26 @@ class LatentDiffusion:
 
         ``denoising_start`` / ``denoising_end`` cut the schedule at the model timestep
         ``round(T - fraction · T)``, as diffusers' SDXL pipelines do (a second-order sampler
-        starts at the first evaluation of a step).
+        starts at the first evaluation of a step): at the first evaluation below it. For
+        timesteps that never rise that is diffusers' count of those at or above it; Restart's
+        rise again at each restart, which then all fall after the cut.
         """
         timesteps = sched.timesteps(steps)
         trained = int(getattr(sched, "num_train_timesteps", 1000))
         first, last = 0, len(timesteps)
+
+        def cut(fraction: float) -> int:
+            below = (timesteps < round(trained - fraction * trained)).nonzero()
+            return int(below[0]) if len(below) else len(timesteps)
+
         if request.denoising_start is not None:
-            cutoff = round(trained - request.denoising_start * trained)
-            run = int((timesteps < cutoff).sum())
-            if getattr(sched, "evaluations_per_step", 1) == 2 and run % 2 == 0:
-                run += 1  # keep both evaluations of the step the cut falls in
-            first = len(timesteps) - run
+            first = cut(request.denoising_start)
+            if getattr(sched, "evaluations_per_step", 1) == 2 and first % 2 == 1:
+                first -= 1  # keep both evaluations of the step the cut falls in
         elif inputs is not None and not inputs.from_noise:
             first = sched.start_index(steps, inputs.strength)
         if request.denoising_end is not None:
-            cutoff = round(trained - request.denoising_end * trained)
-            last = int((timesteps >= cutoff).sum())
+            last = cut(request.denoising_end)
         if last <= first:
             raise InvalidArgumentError(
                 f"denoising_start/denoising_end/strength leave no step of {steps} to run "

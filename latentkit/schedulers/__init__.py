@@ -134,15 +134,17 @@ from latentkit.schedulers import (  # noqa: E402, F401
     lcm,
     lms,
     pndm,
+    restart,
     unipc,
 )
 
 A1111_ALIASES: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     # AUTOMATIC1111 web UI sampler label -> (registered name, preset options), only where
     # the registration computes the same sampler (diffusers' table of equivalents; "DPM++ 2S
-    # a" is k-diffusion's sampler itself). "DPM++ 3M SDE" has no counterpart here, so no
-    # alias. The "<sampler> Karras" labels are A1111's names from before its separate
-    # "Schedule type"; any sigma-based sampler takes that as its schedule option instead.
+    # a" is k-diffusion's sampler itself, "Restart" A1111's restart_sampler, see
+    # latentkit.schedulers.restart). "DPM++ 3M SDE" has no counterpart here, so no alias.
+    # The "<sampler> Karras" labels are A1111's names from before its separate "Schedule
+    # type"; any sigma-based sampler takes that as its schedule option instead.
     "DDIM": ("ddim", {}),
     "PLMS": ("pndm", {}),
     "Euler": ("euler", {}),
@@ -165,6 +167,7 @@ A1111_ALIASES: Mapping[str, tuple[str, Mapping[str, Any]]] = {
     "DPM++ 2S a": ("dpm-solver++-2s-ancestral", {}),
     "DPM++ 2S a Karras": ("dpm-solver++-2s-ancestral", {"schedule": "karras"}),
     "DPM++ 2M SDE Exponential": ("dpm-solver++-sde", {"use_exponential_sigmas": True}),
+    "Restart": ("restart", {}),
 }
 """The A1111 sampler labels latentkit accepts as scheduler names, and what each means.
 
