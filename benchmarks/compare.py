@@ -5,10 +5,13 @@
     python benchmarks/compare.py --arch tiny --settings cpu-fp32-256 --steps 2 --repeats 1
     python benchmarks/compare.py --arch sdxl                # SDXL base: 512² and 1024², 3 steps
     python benchmarks/compare.py --arch sdxl-tiny --settings cpu-fp32-256 --steps 2 --repeats 1
+    # with the peer engines (benchmarks/setup_peers.sh once): OpenVINO and ONNX Runtime
+    python benchmarks/compare.py --engines latentkit,diffusers,openvino,onnxruntime \
+        --settings cpu-fp32-256,cpu-bf16-512,cpu-int8-256
 
-Every measurement runs in a fresh Python process, the libraries alternate (latentkit,
-diffusers, latentkit, ...) and the medians over ``--repeats`` rounds are reported. See
-benchmarks/README.md for the protocol and how to read the table.
+Every measurement runs in a fresh Python process, the engines alternate (latentkit,
+diffusers, [openvino, onnxruntime,] latentkit, ...) and the medians over ``--repeats`` rounds
+are reported. See benchmarks/README.md for the protocol and how to read the table.
 """
 
 from __future__ import annotations
@@ -35,19 +38,43 @@ from typing import Any
 # workers, adding a few MiB to their RSS: prefer `import latentkit` right above the dict).
 # `--latentkit-option key=value` adds to every device's dict for one run.
 LATENTKIT_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {}, "cuda": {}}
+# The load_pipeline keywords that make latentkit run int8 weights on `*-int8-*` settings (it
+# loads float32 and these options do the rest), e.g.
+# {"performance": latentkit.Performance(backend="openvino", quantize="int8")}. None: not
+# wired up, and int8 settings skip latentkit with a line saying so (diffusers still runs its
+# fp32 baseline, OpenVINO its int8 weights).
+LATENTKIT_INT8_OPTIONS: dict[str, Any] | None = None
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-LIBRARIES = ("latentkit", "diffusers")
+# Engines, in the order each round runs them. The peers run in their own virtual
+# environment (--peer-python; benchmarks/setup_peers.sh) through benchmarks/peers.py.
+ENGINES = ("latentkit", "diffusers", "openvino", "onnxruntime")
+PEER_ENGINES = ("openvino", "onnxruntime")
+DEFAULT_ENGINES = ("latentkit", "diffusers")
+# The peers' pipelines here are SD 1.x's (OVStableDiffusionPipeline, ORTStableDiffusionPipeline).
+PEER_ARCHES = ("sd15", "tiny")
+# Each worker times its engine's import on top of `import torch`: the statement to time.
+# diffusers imports lazily: touching the folder's pipeline class loads it and transformers.
+IMPORTS = {
+    "latentkit": "import latentkit",
+    "diffusers": "import diffusers; getattr(diffusers, spec['diffusers_class'])",
+    "openvino": "from optimum.intel import OVStableDiffusionPipeline",
+    "onnxruntime": "from optimum.onnxruntime import ORTStableDiffusionPipeline",
+}
 CPU_SETTINGS = (
     "cpu-fp32-256",
     "cpu-fp32-512",
     "cpu-bf16-512",
     "cpu-fp32-1024",
     "cpu-bf16-1024",
+    "cpu-int8-256",
+    "cpu-int8-512",
 )
 CUDA_SETTINGS = ("cuda-fp16-512", "cuda-bf16-512", "cuda-fp16-1024", "cuda-bf16-1024")
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# int8 is int8 *weights*: the engines that have such a mode compute in float32 around them
+# (latentkit: LATENTKIT_INT8_OPTIONS; OpenVINO: NNCF weight compression, f32 inference).
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
 GUIDANCE = 7.5
 SCHEDULER = "dpm-solver++"  # diffusers: DPMSolverMultistepScheduler, whose default is dpmsolver++
 TINY_SIZE = 64  # the tiny test UNet/VAE: any multiple of 8 works, 64 keeps a run to seconds
@@ -170,6 +197,7 @@ SDXL_TEXT_2: dict[str, Any] = dict(
 
 # (key, label) of the metrics in the table, in order; CUDA-only keys are skipped on the CPU.
 METRICS = (
+    ("export_s", "export (s, once, cached; not in load)"),
     ("import_s", "import (s, on top of torch)"),
     ("load_s", "load (s)"),
     # Lazy imports move work between the two (latentkit loads transformers in load_pipeline,
@@ -336,30 +364,28 @@ def weights_bytes(folder: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The measuring worker: one fresh process per (setting, library, round).
+# The measuring worker: one fresh process per (setting, engine, round).
 # --------------------------------------------------------------------------------------------
 
-# Runs as `python -c`: the library import must be timed before anything else is imported,
-# including this module (whose LATENTKIT_OPTIONS may refer to latentkit).
+# Runs as `python -c`: the engine's import must be timed before anything else is imported,
+# including this module (whose LATENTKIT_OPTIONS may refer to latentkit). spec["import"] is
+# the engine's IMPORTS statement; spec["module"] is this module, or peers for the peers.
 _BOOTSTRAP = """
 import json, sys, time
 spec = json.loads(sys.argv[1])
 import torch
 start = time.perf_counter()
-if spec["library"] == "latentkit":
-    import latentkit
-else:
-    import diffusers
-    # diffusers imports lazily: load the pipeline class (and transformers) for real.
-    getattr(diffusers, spec["diffusers_class"])
+exec(spec["import"])
 spec["import_s"] = time.perf_counter() - start
 sys.path.insert(0, spec["benchmarks_dir"])
 __import__(spec["module"]).measure(spec)
 """
 
 
-def _latentkit_options(device: str, extra: list[str]) -> dict[str, Any]:
+def _latentkit_options(device: str, extra: list[str], precision: str = "") -> dict[str, Any]:
     options = dict(LATENTKIT_OPTIONS.get(device, {}))
+    if precision == "int8":
+        options.update(LATENTKIT_INT8_OPTIONS or {})
     options.update(parse_options(extra))
     return options
 
@@ -389,12 +415,21 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(spec: dict[str, Any]) -> None:
-    """Load, time the steps and one full generation, write the metrics and the image."""
-    import numpy as np
+def _cuda_max_allocated_mib() -> float:
     import torch
 
-    device, library = spec["device"], spec["library"]
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def measure(spec: dict[str, Any]) -> None:
+    """Load, time the steps and one full generation, write the metrics and the image.
+
+    latentkit and diffusers; the peer engines have their own loading in peers.py and share
+    `measure_generation`.
+    """
+    import torch
+
+    device, engine = spec["device"], spec["engine"]
     dtype = getattr(torch, spec["dtype"])
     cuda = device == "cuda"
 
@@ -407,10 +442,10 @@ def measure(spec: dict[str, Any]) -> None:
     ticks: list[float] = []  # perf_counter after every denoising step
 
     start = time.perf_counter()
-    if library == "latentkit":
+    if engine == "latentkit":
         import latentkit
 
-        options = _latentkit_options(device, spec["latentkit_options"])
+        options = _latentkit_options(device, spec["latentkit_options"], spec["precision"])
         pipe = latentkit.load_pipeline(
             spec["folder"], device=device, dtype=spec["dtype"], progress=False, **options
         )
@@ -470,11 +505,33 @@ def measure(spec: dict[str, Any]) -> None:
 
     sync()
     out["load_s"] = time.perf_counter() - start
+    measure_generation(spec, out, generate, ticks, sync=sync, cuda=cuda)
+
+
+def measure_generation(
+    spec: dict[str, Any],
+    out: dict[str, Any],
+    generate: Any,
+    ticks: list[float],
+    *,
+    sync: Any,
+    cuda: bool = False,
+) -> None:
+    """After ``out["load_s"]``: memory after load, then the warm-up and the timed generation.
+
+    ``generate()`` returns the image (``output_type="np"``) and appends ``perf_counter()`` to
+    ``ticks`` after every denoising step. Writes the metrics to ``spec["result_path"]`` and
+    the image to ``spec["image_path"]``. Shared by every engine, peers.py's included.
+    """
+    import numpy as np
+
     out["import_load_s"] = out["import_s"] + out["load_s"]
     out["load_rss_mib"] = _max_rss_mib()
+    # Over the source folder's weight files for every engine (the peers' exported files
+    # differ: int8 ones are ~1/4), so the column compares engines on one scale.
     out["load_rss_over_weights"] = out["load_rss_mib"] * 2**20 / spec["weights_bytes"]
     if cuda:
-        out["cuda_load_alloc_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["cuda_load_alloc_mib"] = _cuda_max_allocated_mib()
 
     # The first call is warm-up (first-use allocations, the solver's first higher-order
     # update, ...). Step times come from the timed call only: the gaps between consecutive
@@ -491,7 +548,7 @@ def measure(spec: dict[str, Any]) -> None:
     out["step_times_s"] = steps  # raw, for the JSON
     out["peak_rss_mib"] = _max_rss_mib()
     if cuda:
-        out["cuda_peak_alloc_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["cuda_peak_alloc_mib"] = _cuda_max_allocated_mib()
     np.save(spec["image_path"], np.asarray(image, dtype=np.float32))
     Path(spec["result_path"]).write_text(json.dumps(out))
 
@@ -507,27 +564,99 @@ def parse_setting(setting: str) -> tuple[str, str, int]:
         device, dtype, size = setting.split("-")
         if device not in ("cpu", "cuda") or dtype not in DTYPES:
             raise ValueError
+        if device == "cuda" and dtype == "int8":
+            raise ValueError  # no engine here has a CUDA int8-weight mode
         return device, dtype, int(size)
     except ValueError:
         raise SystemExit(
             f"bad setting {setting!r}: want DEVICE-DTYPE-SIZE, DEVICE in cpu/cuda, "
-            f"DTYPE in {'/'.join(DTYPES)}, e.g. {', '.join(CPU_SETTINGS + CUDA_SETTINGS)}"
+            f"DTYPE in {'/'.join(DTYPES)} (int8: cpu only), "
+            f"e.g. {', '.join(CPU_SETTINGS + CUDA_SETTINGS)}"
         ) from None
 
 
-def diffusers_dtype(device: str, dtype: str, diffusers_bf16: bool) -> str:
-    # bf16 on the CPU is latentkit's target; diffusers' CPU path is fp32, so fp32 is the
-    # baseline it is compared against (unless asked otherwise). On CUDA, diffusers runs
-    # fp16/bf16 natively and both libraries use the setting's dtype.
-    if device == "cpu" and dtype == "bf16" and not diffusers_bf16:
-        return "fp32"
-    return dtype
+def engine_precision(
+    engine: str, *, device: str, dtype: str, arch: str, diffusers_bf16: bool
+) -> tuple[str | None, str]:
+    """The precision ``engine`` runs a DEVICE-DTYPE setting in: ``(dtype, "")``, or
+    ``(None, why it is skipped)``."""
+    if engine == "latentkit":
+        if dtype == "int8" and LATENTKIT_INT8_OPTIONS is None:
+            return None, "no int8 options set (LATENTKIT_INT8_OPTIONS in compare.py is None)"
+        return dtype, ""
+    if engine == "diffusers":
+        # bf16 on the CPU is latentkit's target; diffusers' CPU path is fp32, so fp32 is the
+        # baseline it is compared against (unless asked otherwise). diffusers has no int8
+        # weights of its own: fp32 again. On CUDA, diffusers runs fp16/bf16 natively and
+        # both libraries use the setting's dtype.
+        if dtype == "int8" or (device == "cpu" and dtype == "bf16" and not diffusers_bf16):
+            return "fp32", ""
+        return dtype, ""
+    if arch not in PEER_ARCHES:
+        return None, f"SD 1.x pipelines only (--arch {'/'.join(PEER_ARCHES)})"
+    if device != "cpu":
+        return None, "set up for the CPU only"
+    supported = {"openvino": ("fp32", "bf16", "int8"), "onnxruntime": ("fp32",)}[engine]
+    if dtype not in supported:
+        return None, f"{'/'.join(supported)} only"
+    return dtype, ""
 
 
-def run_worker(spec: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+def peer_model_dir(folder: Path, engine: str, export_precision: str) -> Path:
+    """Where ``engine``'s export of ``folder`` lives: ``.cache/sd15-openvino-fp32`` etc."""
+    return folder.with_name(f"{folder.name.removesuffix('-random')}-{engine}-{export_precision}")
+
+
+def peer_export_precision(engine: str, precision: str) -> str:
+    # OpenVINO's bf16 is an inference-time hint on the fp32 IR (peers.OV_EXPORT).
+    return "fp32" if engine == "openvino" and precision == "bf16" else precision
+
+
+def ensure_peer_model(
+    folder: Path, engine: str, export_precision: str, peer_python: Path
+) -> dict[str, Any]:
+    """Export ``folder`` for ``engine`` once (a fresh process in the peer environment).
+
+    Returns the export's record (time, versions), which the table shows apart from the
+    load time. The int8 OpenVINO model is compressed from the fp32 one, so that comes first.
+    """
+    target = peer_model_dir(folder, engine, export_precision)
+    record = target / "latentkit_benchmark_export.json"
+    if record.exists():
+        info: dict[str, Any] = json.loads(record.read_text())
+        if info["source"] != str(folder):
+            raise SystemExit(
+                f"{target} was exported from {info['source']}, not {folder}: delete it to re-export"
+            )
+        print(f"reusing {target} (exported in {info['export_s']:.0f} s on {info['date']})")
+        return info
+    if engine == "openvino" and export_precision == "int8":
+        ensure_peer_model(folder, engine, "fp32", peer_python)
+    print(f"exporting {folder.name} for {engine} {export_precision} to {target} (once) ...")
+    subprocess.run(
+        [
+            str(peer_python),
+            str(HERE / "peers.py"),
+            "export",
+            "--engine",
+            engine,
+            "--precision",
+            export_precision,
+            str(folder),
+            str(target),
+        ],
+        check=True,
+        cwd=REPO,
+    )
+    info = json.loads(record.read_text())
+    print(f"  exported in {info['export_s']:.0f} s")
+    return info
+
+
+def run_worker(spec: dict[str, Any], python: str) -> tuple[dict[str, Any] | None, str]:
     """One measurement in a fresh process: (metrics, "") or (None, the error's tail)."""
     proc = subprocess.run(
-        [sys.executable, "-c", _BOOTSTRAP, json.dumps(spec)],
+        [python, "-c", _BOOTSTRAP, json.dumps(spec)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -574,6 +703,18 @@ def versions() -> dict[str, str]:
     return found
 
 
+def peer_versions(peer_python: Path) -> dict[str, str]:
+    proc = subprocess.run(
+        [str(peer_python), str(HERE / "peers.py"), "versions"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    found: dict[str, str] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return found
+
+
 def _fmt(value: float | None, key: str) -> str:
     if value is None:
         return "–"
@@ -586,41 +727,50 @@ def _fmt(value: float | None, key: str) -> str:
     return f"{value:#.3g}" if value >= 0.001 else f"{value:.2e}"  # '#': 5.00, not 5
 
 
-def table(results: dict[str, Any]) -> str:
-    rows = [
-        "| setting | metric | latentkit | diffusers | latentkit/diffusers | max abs diff (image) |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or not b:
+        return "–"
+    return f"{a / b:.2f}" if a >= 0.1 * b else f"{a / b:.2g}"
+
+
+def table(results: dict[str, Any], engines: list[str]) -> str:
+    """One column per engine, then latentkit/<engine> ratios (when latentkit is measured)."""
+    others = [e for e in engines if e != "latentkit"] if "latentkit" in engines else []
+    header = ["setting", "metric", *engines, *(f"latentkit/{e}" for e in others)]
+
+    def row(*cells: str) -> str:
+        cells += ("",) * (len(header) - len(cells))
+        return "| " + " | ".join(cells) + " |"
+
+    rows = [row(*header), "|---|---|" + "---:|" * (len(header) - 2)]
     for setting, res in results.items():
         if "skipped" in res:
-            rows.append(f"| {setting} | skipped: {res['skipped']} | | | | |")
+            rows.append(row(setting, f"skipped: {res['skipped']}"))
             continue
         label = setting
-        if res["latentkit_dtype"] != res["diffusers_dtype"]:
-            label += f" (diffusers {res['diffusers_dtype']})"
         if res["size"] != parse_setting(setting)[2]:
             label += f" @{res['size']}px"
         if res["errors"]:
             label += f" ({len(res['errors'])} run(s) FAILED, see the JSON)"
-        diff = res.get("max_abs_diff")
-        first = True
+        rows.append(row(label, "precision", *(res["precision"][e] or "skipped" for e in engines)))
         for key, name in METRICS:
-            lk, df = (res["median"].get(lib, {}).get(key) for lib in LIBRARIES)
-            if lk is None and df is None:
-                continue  # e.g. CUDA memory on the CPU
-            ratio = (
-                "–"
-                if lk is None or not df
-                else f"{lk / df:.2f}"
-                if lk >= 0.1 * df
-                else f"{lk / df:.2g}"
-            )
-            diff_cell = ("–" if diff is None else f"{diff:.2g}") if first else ""
-            rows.append(
-                f"| {label if first else ''} | {name} | {_fmt(lk, key)} | {_fmt(df, key)} "
-                f"| {ratio} | {diff_cell} |"
-            )
-            first = False
+            values = {e: res["median"].get(e, {}).get(key) for e in engines}
+            if all(v is None for v in values.values()):
+                continue  # e.g. CUDA memory on the CPU, export time without peers
+            cells = [_fmt(values[e], key) for e in engines]
+            ratios = [_ratio(values["latentkit"], values[e]) for e in others]
+            rows.append(row("", name, *cells, *ratios))
+        diffs = res["max_abs_diff"]
+        if diffs:  # at least one engine beside the reference ran
+            cells = [
+                "(reference)"
+                if e == res["reference"]
+                else "–"
+                if diffs.get(e) is None
+                else f"{diffs[e]:.2g}"
+                for e in engines
+            ]
+            rows.append(row("", f"max abs diff vs {res['reference']} (image)", *cells))
     return "\n".join(rows)
 
 
@@ -656,6 +806,20 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument(
+        "--engines",
+        default=",".join(DEFAULT_ENGINES),
+        help=(
+            f"comma-separated, run in this order each round, from {','.join(ENGINES)} "
+            f"(default: %(default)s; {' and '.join(PEER_ENGINES)} run with --peer-python)"
+        ),
+    )
+    parser.add_argument(
+        "--peer-python",
+        type=Path,
+        default=HERE / ".venv-peers" / "bin" / "python",
+        help="the peer environment's python (benchmarks/setup_peers.sh; default: %(default)s)",
+    )
+    parser.add_argument(
         "--arch",
         choices=tuple(ARCHES),
         default="sd15",
@@ -664,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="default: benchmarks/.cache/<arch>-random")
     parser.add_argument("--steps", type=int, help="denoising steps (default 4; 3 for --arch sdxl)")
     parser.add_argument(
-        "--repeats", type=int, help="rounds per library (default 2; 1 for --arch sdxl)"
+        "--repeats", type=int, help="rounds per engine (default 2; 1 for --arch sdxl)"
     )
     parser.add_argument(
         "--size",
@@ -691,6 +855,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=Path, help="default: benchmarks/results/<date>-<settings>.json"
     )
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="write the peers' exports that these settings need, then stop (no measurement)",
+    )
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -705,6 +874,19 @@ def main(argv: list[str] | None = None) -> int:
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in settings:
         parse_setting(s)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines or len(set(engines)) != len(engines):
+        parser.error(
+            f"--engines: want distinct names from {','.join(ENGINES)}, not {args.engines!r}"
+        )
+    peers = [e for e in engines if e in PEER_ENGINES]
+    peer_python = args.peer_python.absolute()  # not resolved: a venv's python is a symlink
+    if peers and not peer_python.exists():
+        parser.error(
+            f"{', '.join(peers)} need the peer environment: {peer_python} is missing "
+            "(run benchmarks/setup_peers.sh, or pass --peer-python)"
+        )
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is warm-up, not timed")
     try:
@@ -719,6 +901,29 @@ def main(argv: list[str] | None = None) -> int:
     diffusers_class = json.loads((folder / "model_index.json").read_text())["_class_name"]
     json_path = args.json or default_json_path(settings, args.arch)
 
+    # What each engine runs in each setting, then the peers' exports, once, before any
+    # measurement (their time is reported, but is not load time).
+    plans: dict[str, dict[str, tuple[str | None, str]]] = {}
+    for setting in settings:
+        device, dtype, _ = parse_setting(setting)
+        plans[setting] = {
+            e: engine_precision(
+                e, device=device, dtype=dtype, arch=args.arch, diffusers_bf16=args.diffusers_bf16
+            )
+            for e in engines
+        }
+    exports: dict[tuple[str, str], dict[str, Any]] = {}
+    for setting, plan in plans.items():
+        for engine in peers:
+            precision = plan[engine][0]
+            if precision is None or parse_setting(setting)[0] == "cuda":
+                continue
+            key = (engine, peer_export_precision(engine, precision))
+            if key not in exports:
+                exports[key] = ensure_peer_model(folder, *key, peer_python)
+    if args.export_only:
+        return 0
+
     meta = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "arch": args.arch,
@@ -727,7 +932,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "engines": engines,
         "versions": versions(),
+        "peer_versions": peer_versions(peer_python) if peers else None,
+        "peer_exports": {f"{e}-{p}": info for (e, p), info in exports.items()},
         "steps": args.steps,
         "repeats": args.repeats,
         "scheduler": SCHEDULER,
@@ -737,19 +945,27 @@ def main(argv: list[str] | None = None) -> int:
         "latentkit_options": {
             dev: repr(_latentkit_options(dev, args.latentkit_option)) for dev in LATENTKIT_OPTIONS
         },
+        "latentkit_int8_options": repr(LATENTKIT_INT8_OPTIONS),
     }
-    print(f"# latentkit vs diffusers — {meta['date']}")
+    print(f"# {' vs '.join(engines)} — {meta['date']}")
     print(f"CPU: {meta['cpu']}; torch threads: {meta['torch_threads']}; GPU: {meta['cuda']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    if meta["peer_versions"]:
+        print(
+            "peer environment: "
+            + ", ".join(f"{k} {v}" for k, v in meta["peer_versions"].items())
+            + f" ({peer_python})"
+        )
     print(
         f"model: {args.arch} random weights, {meta['weights_mib']:,.0f} MiB of weight files "
         f"({folder})"
     )
     print(
-        f"protocol: {args.repeats} round(s) of fresh processes alternating latentkit/diffusers; "
+        f"protocol: {args.repeats} round(s) of fresh processes alternating {'/'.join(engines)}; "
         f"medians; {args.steps} steps of {SCHEDULER}, CFG {GUIDANCE}; first step excluded from s/step"
     )
-    print(f"latentkit load_pipeline options: {meta['latentkit_options']}")
+    if "latentkit" in engines:
+        print(f"latentkit load_pipeline options: {meta['latentkit_options']}")
 
     results: dict[str, Any] = {}
     failed = False
@@ -761,38 +977,44 @@ def main(argv: list[str] | None = None) -> int:
                 results[setting] = {"skipped": "CUDA not available"}
                 continue
             size = args.size or (TINY_SIZE if args.arch in TINY_ARCHES else size)
-            lib_dtypes = {
-                "latentkit": dtype,
-                "diffusers": diffusers_dtype(device, dtype, args.diffusers_bf16),
-            }
-            if lib_dtypes["latentkit"] != lib_dtypes["diffusers"]:
-                print(
-                    f"{setting}: latentkit runs {lib_dtypes['latentkit']}, diffusers runs "
-                    f"{lib_dtypes['diffusers']} as the baseline (the image diff compares the two)"
-                )
+            plan = plans[setting]
+            for engine, (precision, why) in plan.items():
+                if precision is None:
+                    print(f"{setting}: {engine} skipped: {why}")
+                elif precision != dtype:
+                    print(f"{setting}: {engine} runs {precision} as the baseline")
+            running = [e for e in engines if plan[e][0] is not None]
+            # Images are compared with latentkit's; with latentkit skipped (int8 before it
+            # has such a mode), with the first engine that runs.
+            reference = running[0] if running else None
             res: dict[str, Any] = {
                 "device": device,
                 "size": size,
-                "latentkit_dtype": lib_dtypes["latentkit"],
-                "diffusers_dtype": lib_dtypes["diffusers"],
+                "precision": {e: plan[e][0] for e in engines},
+                "skipped_engines": {e: why for e, (p, why) in plan.items() if p is None},
+                "reference": reference,
                 "runs": [],
                 "errors": [],
             }
-            diffs = []
+            diffs: dict[str, list[float]] = {e: [] for e in running if e != reference}
             for rnd in range(args.repeats):
                 images = {}
-                for library in LIBRARIES:  # alternate, so drift (thermal, load) hits both
-                    name = f"{setting}-{library}-{rnd}"
+                for engine in running:  # alternate, so drift (thermal, load) hits all alike
+                    precision = plan[engine][0]
+                    assert precision is not None
+                    name = f"{setting}-{engine}-{rnd}"
                     print(f"  {name} ...", end=" ", flush=True)
                     spec = {
-                        "library": library,
-                        "module": Path(__file__).stem,
+                        "engine": engine,
+                        "precision": precision,
+                        "import": IMPORTS[engine],
+                        "module": "peers" if engine in PEER_ENGINES else Path(__file__).stem,
                         "benchmarks_dir": str(HERE),
                         "folder": str(folder),
                         "diffusers_class": diffusers_class,
                         "weights_bytes": weights,
                         "device": device,
-                        "dtype": DTYPES[lib_dtypes[library]],
+                        "dtype": DTYPES[precision],
                         "size": size,
                         "steps": args.steps,
                         "prompt": args.prompt,
@@ -801,34 +1023,45 @@ def main(argv: list[str] | None = None) -> int:
                         "result_path": str(Path(tmp) / f"{name}.json"),
                         "image_path": str(Path(tmp) / f"{name}.npy"),
                     }
+                    if engine in PEER_ENGINES:
+                        spec["peer_model_dir"] = str(
+                            peer_model_dir(folder, engine, peer_export_precision(engine, precision))
+                        )
+                    python = str(peer_python) if engine in PEER_ENGINES else sys.executable
                     start = time.perf_counter()
-                    metrics, error = run_worker(spec)
+                    metrics, error = run_worker(spec, python)
                     if metrics is None:
                         failed = True
                         print("FAILED")
                         print(error, file=sys.stderr)
-                        res["errors"].append({"library": library, "round": rnd, "error": error})
+                        res["errors"].append({"engine": engine, "round": rnd, "error": error})
                         continue
                     print(f"{time.perf_counter() - start:.1f}s")
-                    res["runs"].append({"library": library, "round": rnd, **metrics})
-                    images[library] = np.load(spec["image_path"])
-                if len(images) == 2:
-                    diffs.append(float(np.abs(images["latentkit"] - images["diffusers"]).max()))
+                    if engine in PEER_ENGINES:
+                        key = (engine, peer_export_precision(engine, precision))
+                        metrics["export_s"] = exports[key]["export_s"]
+                    res["runs"].append({"engine": engine, "round": rnd, **metrics})
+                    images[engine] = np.load(spec["image_path"])
+                for engine in diffs:
+                    if reference in images and engine in images:
+                        diff = np.abs(images[engine] - images[reference]).max()
+                        diffs[engine].append(float(diff))
             res["median"] = {
-                lib: medians([r for r in res["runs"] if r["library"] == lib]) for lib in LIBRARIES
+                e: medians([r for r in res["runs"] if r["engine"] == e]) for e in running
             }
-            res["max_abs_diff"] = max(diffs) if diffs else None
+            res["max_abs_diff"] = {e: max(d) if d else None for e, d in diffs.items()}
             results[setting] = res
             # Written after every setting, so a long run that dies keeps what it measured.
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
     print()
-    print(table(results))
+    print(table(results, engines))
     print()
     print(
         "ratio < 1: latentkit is faster / smaller. max abs diff: largest per-pixel difference "
-        "of the final images (values in [0, 1]), same seed."
+        "of the final images (values in [0, 1]) from the reference engine's, same seed; "
+        "between different precisions it measures the precision's deviation."
     )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
