@@ -1,9 +1,12 @@
-"""CLIP's byte-level BPE tokenizer in pure Python, with transformers' token ids.
+"""CLIP's byte-level BPE tokenizer on Hugging Face's ``tokenizers``, with transformers' ids.
 
 `CLIPTokenizer` reads the ``tokenizer/`` folder of a Stable Diffusion model and gives, for
 any text, the ids transformers' ``CLIPTokenizer`` (version 5) gives for the same files,
-without importing transformers (about a second of a pipeline's load time). Text runs
-through CLIP's steps (Radford et al. 2021; ``simple_tokenizer.py`` in OpenAI's CLIP):
+without importing transformers (about a second of a pipeline's load time). latentkit reads
+and checks the files itself (`latentkit.readers`, typed errors); the text is tokenized by a
+``tokenizers.Tokenizer`` built here from the vocabulary and merges with the components
+transformers gives CLIP (``models/clip/tokenization_clip.py``), which run CLIP's steps
+(Radford et al. 2021; ``simple_tokenizer.py`` in OpenAI's CLIP):
 
 1. added tokens (start/end, textual-inversion tokens) are cut out first, so text equal to
    one is that one token;
@@ -12,20 +15,13 @@ through CLIP's steps (Radford et al. 2021; ``simple_tokenizer.py`` in OpenAI's C
    'll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`` (whitespace between words is dropped);
 4. each word's UTF-8 bytes are written in `byte_alphabet` and merged by byte-pair
    encoding (Sennrich et al. 2016), its last symbol marked with ``</w>``.
-
-Characters unassigned in the Unicode version of Python's ``unicodedata`` (14.0 for Python
-3.11) may be classified differently from the newer tables tokenizers uses.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import os
-import re
-import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -41,6 +37,7 @@ from latentkit.errors import (
 from latentkit.readers import read_json_object, read_text
 
 if TYPE_CHECKING:
+    import tokenizers
     import torch
 
 BOS = "<|startoftext|>"
@@ -61,20 +58,6 @@ SPECIAL_TOKEN_NAMES = (
 _NAMES = frozenset(SPECIAL_TOKEN_NAMES)
 _DEFAULTS = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
 """transformers' CLIPTokenizer defaults for named tokens a config leaves out."""
-
-_WHITESPACE = frozenset(
-    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
-    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-)
-"""``\\s`` of tokenizers' regex engines: Unicode White_Space. Python's ``str.isspace`` also
-counts U+001C..U+001F, which CLIP's pattern keeps as punctuation."""
-_WHITESPACE_RUN = re.compile(f"[{re.escape(''.join(sorted(_WHITESPACE)))}]+")
-
-_CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")
-_SPECIAL_WORDS = (BOS, EOS)
-
-_CACHE_SIZE = 10_000
-"""Words whose BPE result is kept (tokenizers keeps as many)."""
 
 VERY_LARGE_INTEGER = int(1e30)
 """transformers' ``model_max_length`` when a config does not give one ("no limit")."""
@@ -98,94 +81,6 @@ def byte_alphabet() -> tuple[str, ...]:
     (Radford et al. 2019, sec. 2.2; ``bytes_to_unicode`` in OpenAI's CLIP)."""
     others = 256 - len(_PRINTABLE)
     return tuple(map(chr, _PRINTABLE)) + tuple(chr(256 + i) for i in range(others))
-
-
-_BYTE_TABLE = dict(
-    zip(
-        [*_PRINTABLE, *(b for b in range(256) if b not in _PRINTABLE)],
-        byte_alphabet(),
-        strict=True,
-    )
-)
-"""`str.translate` table from the Latin-1 view of UTF-8 bytes to `byte_alphabet`."""
-
-
-def _bpe(symbols: list[str], ranks: Mapping[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one word, as tokenizers does it: merge the lowest-ranked
-    adjacent pair (the leftmost of equals), one at a time, until no pair has a rank.
-
-    One at a time matters: a merge can make a pair that outranks the remaining
-    occurrences of the pair just merged. A heap of (rank, position) keeps a long word
-    from costing a scan of all its pairs per merge."""
-    merged = list(symbols)  # merged[i] == "" once symbol i has joined the one before it
-    after = [*range(1, len(merged)), -1]
-    before = list(range(-1, len(merged) - 1))
-    heap = [
-        (r, i)
-        for i, pair in enumerate(itertools.pairwise(merged))
-        if (r := ranks.get(pair)) is not None
-    ]
-    heapq.heapify(heap)
-    while heap:
-        rank, i = heapq.heappop(heap)
-        j = after[i] if merged[i] else -1
-        if j < 0 or ranks.get((merged[i], merged[j])) != rank:
-            continue  # the pair changed since it was queued
-        merged[i], merged[j] = merged[i] + merged[j], ""
-        after[i] = after[j]
-        if after[i] >= 0:
-            before[after[i]] = i
-        for k in (before[i], i):  # the new pairs on either side of the merged symbol
-            if k >= 0 and after[k] >= 0:
-                r = ranks.get((merged[k], merged[after[k]]))
-                if r is not None:
-                    heapq.heappush(heap, (r, k))
-    return [s for s in merged if s]
-
-
-def normalize(text: str) -> str:
-    """CLIP's normaliser: NFC, every run of whitespace to one space, lower case."""
-    text = _WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", text))
-    # Lower case character by character, as tokenizers does: str.lower() alone would give
-    # a final sigma ('ς') at the end of a word where tokenizers gives 'σ'.
-    return "".join(c.lower() for c in text) if "Σ" in text else text.lower()
-
-
-def _kind(c: str) -> str:
-    if c in _WHITESPACE:
-        return " "
-    category = unicodedata.category(c)[0]
-    return category if category in "LN" else "P"
-
-
-def pre_tokenize(text: str) -> list[str]:
-    """Normalised text split into words by CLIP's pattern (see the module docstring)."""
-    words: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "<" and text.startswith(_SPECIAL_WORDS, i):
-            # CLIP's pattern keeps "<|endoftext|>" whole; the byte-level step after it then
-            # splits the word again by GPT-2's pattern, into "<|", "endoftext", "|>".
-            end = text.index("|>", i + 2)
-            words += [text[i : i + 2], text[i + 2 : end], "|>"]
-            i = end + 2
-            continue
-        if c == "'":
-            rest = next((s for s in _CONTRACTIONS if text.startswith(s, i + 1)), None)
-            if rest is not None:
-                words.append(c + rest)
-                i += 1 + len(rest)
-                continue
-        kind = _kind(c)
-        j = i + 1
-        if kind == "L" or kind == "P":  # a run of letters, or of anything but those
-            while j < n and _kind(text[j]) == kind:
-                j += 1
-        if kind != " ":  # whitespace separates words and is dropped; a number is one digit
-            words.append(text[i:j])
-        i = j
-    return words
 
 
 @dataclass(frozen=True)
@@ -272,13 +167,6 @@ class CLIPTokenizer:
         self.merges = list(merges)
         self.model_max_length = model_max_length
         self.split_special_tokens = split_special_tokens
-        self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
-        for a, b in self.merges:
-            missing = [t for t in (a, b, a + b) if t not in self.vocab]
-            if missing:
-                raise UnsupportedModelError(
-                    f"the merge {a!r} {b!r} needs {missing[0]!r}, which is not in the vocabulary"
-                )
         given_named = {**_DEFAULTS, **(special_tokens or {})}
         unknown = set(given_named) - _NAMES
         if unknown:
@@ -300,32 +188,39 @@ class CLIPTokenizer:
             *(_special(t, "extra") for t in extra_special_tokens),
         ]
         ordered = [*added_tokens, *(t for t in specials if t.content not in given)]
-        self._added: dict[str, int] = {}
-        self.added_tokens_decoder: dict[int, AddedToken] = {}
-        """The added tokens by id, special ones included."""
-        next_id = len(self.vocab)
+        added: dict[str, AddedToken] = {}
         for token in ordered:
-            if not token.content:
-                continue
-            known = self._added.get(token.content, self.vocab.get(token.content))
-            if known is None:
-                known, next_id = next_id, next_id + 1
-            self._added[token.content] = known
-            self.added_tokens_decoder[known] = token
+            if token.content:  # a repeated token keeps its place and takes its last flags
+                added[token.content] = token
+        unk = self.special_tokens.get("unk_token")
+        unk_content = unk.content if unk is not None and unk.content in self.vocab else None
+        if unk_content is None:
+            # tokenizers' BPE drops a byte it has no symbol for when it has no unknown token
+            # (and fails mid-text when that token is not in the vocabulary): refuse here.
+            symbols = [*byte_alphabet(), *(c + END_OF_WORD for c in byte_alphabet())]
+            lacking = next((s for s in symbols if s not in self.vocab), None)
+            if lacking is not None:
+                raise UnsupportedModelError(
+                    f"the vocabulary lacks the byte symbol {lacking!r}, and the tokenizer has no "
+                    "unknown token in the vocabulary to stand for it"
+                )
+        self.backend_tokenizer = _clip_backend(self.vocab, self.merges, unk_token=unk_content)
+        """The ``tokenizers.Tokenizer`` that tokenizes (transformers' ``backend_tokenizer``)."""
+        # tokenizers gives each added token its id as transformers 5 does: a token in the
+        # vocabulary keeps its id, the others take the next free ids in order.
+        self.backend_tokenizer.add_tokens([_backend_token(t) for t in added.values()])
+        self.backend_tokenizer.encode_special_tokens = split_special_tokens
+        self._added: dict[str, int] = {}
+        for content in added:
+            token_id = self.backend_tokenizer.token_to_id(content)
+            assert token_id is not None  # just added
+            self._added[content] = token_id
+        self.added_tokens_decoder: dict[int, AddedToken] = {
+            self._added[c]: t for c, t in added.items()
+        }
+        """The added tokens by id, special ones included."""
         for name, token in self.special_tokens.items():
-            self.special_tokens[name] = self.added_tokens_decoder[self._added[token.content]]
-        self._ids_to_tokens = {i: t for t, i in self.vocab.items()}
-        self._ids_to_tokens.update({i: t.content for i, t in self.added_tokens_decoder.items()})
-        matched = [
-            (i, t)
-            for i, t in self.added_tokens_decoder.items()
-            if not (split_special_tokens and t.special)
-        ]
-        self._raw_patterns = _Patterns({t.content: (i, t) for i, t in matched if not t.normalized})
-        self._normalized_patterns = _Patterns(
-            {normalize(t.content): (i, t) for i, t in matched if t.normalized}
-        )
-        self._cache: dict[str, list[int]] = {}
+            self.special_tokens[name] = added[token.content]
 
     # ------------------------------------------------------------ reading and writing
 
@@ -366,7 +261,12 @@ class CLIPTokenizer:
         else:
             vocab = _read_json(root / "vocab.json", where)
             merges = _read_merges(root / "merges.txt", where)
-        if not all(_is_id(i) for i in vocab.values()):
+        ids = vocab.values()
+        # `_is_id` for every id, in one pass each: type(i) is int leaves out bools (JSON
+        # true/false), the only int subclass JSON gives.
+        if not all(type(i) is int for i in ids) or not (
+            min(ids, default=0) >= 0 and max(ids, default=0) <= MAX_TOKEN_ID
+        ):
             raise UnsupportedModelError(
                 f"{where}: the vocabulary must map tokens to int ids from 0 to {MAX_TOKEN_ID}"
             )
@@ -537,6 +437,10 @@ class CLIPTokenizer:
         """The unknown token's id (the end token for CLIP), or None without one."""
         return self._special_id("unk_token") if "unk_token" in self.special_tokens else None
 
+    def _id_to_token(self, token_id: int) -> str | None:
+        # tokenizers takes ids as u32: any other int is out of the vocabulary, not an OverflowError.
+        return self.backend_tokenizer.id_to_token(token_id) if 0 <= token_id < 2**32 else None
+
     @overload
     def convert_ids_to_tokens(self, ids: int) -> str: ...
     @overload
@@ -545,50 +449,17 @@ class CLIPTokenizer:
         """The token (string) of each id; `InvalidArgumentError` for an id out of the vocabulary."""
         if isinstance(ids, int):
             return self.convert_ids_to_tokens([ids])[0]
-        unknown = [i for i in ids if i not in self._ids_to_tokens]
+        tokens = [self._id_to_token(i) for i in ids]
+        unknown = [i for i, t in zip(ids, tokens, strict=True) if t is None]
         if unknown:
             raise InvalidArgumentError(f"token ids {unknown[:5]} are not in the vocabulary")
-        return [self._ids_to_tokens[i] for i in ids]
+        return [t for t in tokens if t is not None]
 
     # ------------------------------------------------------------ encoding
 
     def _encode(self, text: str) -> list[int]:
         """The token ids of ``text``, without start and end tokens."""
-        ids: list[int] = []
-        for raw, token in self._raw_patterns.split(text):
-            if token is not None:
-                ids.append(token)
-                continue
-            for piece, added in self._normalized_patterns.split(normalize(raw)):
-                if added is not None:
-                    ids.append(added)
-                    continue
-                for word in pre_tokenize(piece):
-                    ids += self._word_ids(word)
-        return ids
-
-    def _word_ids(self, word: str) -> list[int]:
-        cached = self._cache.get(word)
-        if cached is not None:
-            return cached
-        chars = list(word.encode("utf-8").decode("latin-1").translate(_BYTE_TABLE))
-        chars[-1] += END_OF_WORD
-        unk = self.special_tokens.get("unk_token")
-        symbols = []
-        for c in chars:
-            if c in self.vocab:
-                symbols.append(c)
-            elif unk is not None and unk.content in self.vocab:
-                # tokenizers looks the unknown token up in the BPE vocabulary only.
-                symbols.append(unk.content)
-            else:
-                raise InvalidArgumentError(
-                    f"{c!r} is not in the vocabulary, and the tokenizer has no unknown token for it"
-                )
-        ids = [self.vocab[s] for s in _bpe(symbols, self._ranks)]
-        if len(self._cache) < _CACHE_SIZE:
-            self._cache[word] = ids
-        return ids
+        return self.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
     @overload
     def __call__(
@@ -706,62 +577,6 @@ class CLIPTokenizer:
         )
 
 
-class _Patterns:
-    """Added tokens found in text as tokenizers finds them: leftmost first, the longest
-    there, not overlapping; then each token's single_word, lstrip and rstrip apply."""
-
-    def __init__(self, patterns: Mapping[str, tuple[int, AddedToken]]) -> None:
-        self.patterns = dict(patterns)
-        self._by_first: dict[str, list[str]] = {}
-        for p in sorted(self.patterns, key=len, reverse=True):
-            self._by_first.setdefault(p[0], []).append(p)
-
-    def split(self, text: str) -> Iterator[tuple[str, int | None]]:
-        """``text`` cut into (text, None) and (token text, token id) parts, in order."""
-        if not self._by_first:
-            yield text, None
-            return
-        done = 0  # the end of the last part given
-        i, n = 0, len(text)
-        while i < n:
-            candidates = self._by_first.get(text[i], ())
-            found = next((p for p in candidates if text.startswith(p, i)), None)
-            if found is None:
-                i += 1
-                continue
-            start, stop = i, i + len(found)
-            i = stop  # the search goes on after the match, whether it is kept or not
-            token_id, token = self.patterns[found]
-            if token.single_word and (
-                (start > 0 and _is_word_char(text[start - 1]))
-                or (stop < n and _is_word_char(text[stop]))
-            ):
-                continue
-            if token.lstrip:
-                left = len(text[:start].rstrip("".join(_WHITESPACE)))
-                start = max(left, done)
-            if token.rstrip:
-                stop = n - len(text[stop:].lstrip("".join(_WHITESPACE)))
-            if done < start:
-                yield text[done:start], None
-            yield text[start:stop], token_id
-            done = stop
-        if done != n:
-            yield text[done:], None
-
-
-_WORD_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Nl", "Nd", "Mn", "Mc", "Me", "Pc"})
-_ALPHABETIC_SYMBOLS = ((0x24B6, 0x24E9), (0x1F130, 0x1F149), (0x1F150, 0x1F169), (0x1F170, 0x1F189))
-"""Symbols (So) with Unicode's Other_Alphabetic property: circled and squared letters."""
-
-
-def _is_word_char(c: str) -> bool:
-    """``\\w`` of Rust's regex crate (Unicode's word characters), for single_word tokens."""
-    if unicodedata.category(c) in _WORD_CATEGORIES or c in "\u200c\u200d":
-        return True
-    return any(a <= ord(c) <= b for a, b in _ALPHABETIC_SYMBOLS)
-
-
 def _special(token: str | AddedToken, where: str) -> AddedToken:
     return (
         AddedToken.read(token, where=where)
@@ -834,8 +649,9 @@ def _read_merges(path: Path, where: str) -> list[tuple[str, str]]:
     lines = read_text(path, label=f"{where}/{path.name}").replace("\r\n", "\n").split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
-    pairs = [line.split(" ") for line in lines if not line.startswith("#version")]
-    if any(len(parts) != 2 for parts in pairs):
+    try:  # unpacking checks each line has two parts (one pass: CLIP's file has 48,894)
+        return [(a, b) for a, b in (s.split(" ") for s in lines if not s.startswith("#version"))]
+    except ValueError:
         number, line = next(
             (n, line)
             for n, line in enumerate(lines, start=1)
@@ -843,8 +659,7 @@ def _read_merges(path: Path, where: str) -> list[tuple[str, str]]:
         )
         raise UnsupportedModelError(
             f"{where}/{path.name} line {number}: {line!r} is not a merge 'a b'"
-        )
-    return [(a, b) for a, b in pairs]
+        ) from None
 
 
 _CLIP_NORMALIZER = {
@@ -861,6 +676,63 @@ _CLIP_PATTERNS = (
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
 )
+
+
+def _clip_backend(
+    vocab: dict[str, int], merges: list[tuple[str, str]], *, unk_token: str | None
+) -> tokenizers.Tokenizer:
+    """CLIP's tokenizer in tokenizers' parts, as transformers 5's ``CLIPTokenizer`` builds
+    it: a BPE model with CLIP's end-of-word mark, CLIP's normaliser and word pattern, then
+    GPT-2's byte-level step (which also splits each word again by GPT-2's pattern, so
+    ``<|endoftext|>`` typed as text is "<|", "endoftext", "|>")."""
+    # Imported here, not at module level: `import latentkit` stays free of it.
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    try:
+        model = BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix=END_OF_WORD,
+            fuse_unk=False,
+            unk_token=unk_token,
+        )
+    except Exception as e:  # tokenizers' errors are plain Exceptions
+        # tokenizers checks each merge's two tokens and their join against the vocabulary;
+        # find the merge, which its message does not name.
+        bad = next(((a, b, t) for a, b in merges for t in (a, b, a + b) if t not in vocab), None)
+        if bad is None:
+            raise
+        raise UnsupportedModelError(
+            f"the merge {bad[0]!r} {bad[1]!r} needs {bad[2]!r}, which is not in the vocabulary"
+        ) from e
+    backend = Tokenizer(model)
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_PATTERNS[0]), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _backend_token(token: AddedToken) -> tokenizers.AddedToken:
+    from tokenizers import AddedToken as BackendToken
+
+    return BackendToken(
+        token.content,
+        single_word=token.single_word,
+        lstrip=token.lstrip,
+        rstrip=token.rstrip,
+        normalized=token.normalized,
+        special=token.special,
+    )
 
 
 def _backend_model(

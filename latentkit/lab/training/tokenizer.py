@@ -8,14 +8,27 @@ which each given word is one token and any other text falls back to byte tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from latentkit.errors import InvalidArgumentError
-from latentkit.tokenizer import BOS, END_OF_WORD, EOS, _bpe, byte_alphabet
+from latentkit.tokenizer import BOS, END_OF_WORD, EOS, byte_alphabet
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
+
+
+def _merge(symbols: list[str], ranks: Mapping[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word as tokenizers does it (Sennrich et al. 2016): merge
+    the lowest-ranked adjacent pair, the leftmost of equals, until no pair has a rank. The
+    merge table grows word by word here, so tokenizers' model (built once) cannot be used."""
+    while True:
+        ranked = [(ranks[p], i) for i, p in enumerate(itertools.pairwise(symbols)) if p in ranks]
+        if not ranked:
+            return symbols
+        _, i = min(ranked)
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
 
 
 def build_word_tokenizer(
@@ -67,7 +80,7 @@ def build_word_tokenizer(
             )
         chars = list(pieces[0][0])  # the word's bytes as alphabet characters
         word_tokens[word] = pieces[0][0] + END_OF_WORD
-        symbols = _bpe([*chars[:-1], chars[-1] + END_OF_WORD], ranks)
+        symbols = _merge([*chars[:-1], chars[-1] + END_OF_WORD], ranks)
         while len(symbols) > 1:
             # The only applicable merge is this new, last-ranked one; merging left to right
             # shrinks the word by at least one symbol per merge.
@@ -78,7 +91,7 @@ def build_word_tokenizer(
             if token not in seen:
                 seen.add(token)
                 vocab_words.append(token)
-            symbols = _bpe(symbols, ranks)
+            symbols = _merge(symbols, ranks)
 
     vocab_list = [*base_vocab, *vocab_words, BOS, EOS]
     vocab = {t: i for i, t in enumerate(vocab_list)}
