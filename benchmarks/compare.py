@@ -44,6 +44,9 @@ LATENTKIT_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {}, "cuda": {}}
 # wired up, and int8 settings skip latentkit with a line saying so (diffusers still runs its
 # fp32 baseline, OpenVINO its int8 weights).
 LATENTKIT_INT8_OPTIONS: dict[str, Any] | None = None
+# --latentkit-backend: "torch" (default) or "openvino" (Performance(backend="openvino"), with
+# autocast="bf16" on bf16 settings and quantize="int8" on int8 ones; float32 weights).
+LATENTKIT_BACKEND = "torch"
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -382,9 +385,22 @@ __import__(spec["module"]).measure(spec)
 """
 
 
-def _latentkit_options(device: str, extra: list[str], precision: str = "") -> dict[str, Any]:
+def _latentkit_options(
+    device: str, extra: list[str], precision: str = "", backend: str = "torch"
+) -> dict[str, Any]:
     options = dict(LATENTKIT_OPTIONS.get(device, {}))
-    if precision == "int8":
+    if backend == "openvino":
+        # latentkit's own networks run by OpenVINO (float32 weights; the precision is
+        # OpenVINO's), converted IR kept under benchmarks/.cache so a round reuses it.
+        import latentkit
+
+        options["performance"] = latentkit.Performance(
+            backend="openvino",
+            autocast="bf16" if precision == "bf16" else None,
+            quantize="int8" if precision == "int8" else None,
+            cache_dir=str(HERE / ".cache" / "latentkit-openvino"),
+        )
+    elif precision == "int8":
         options.update(LATENTKIT_INT8_OPTIONS or {})
     options.update(parse_options(extra))
     return options
@@ -445,9 +461,12 @@ def measure(spec: dict[str, Any]) -> None:
     if engine == "latentkit":
         import latentkit
 
-        options = _latentkit_options(device, spec["latentkit_options"], spec["precision"])
+        backend = spec.get("latentkit_backend", "torch")
+        options = _latentkit_options(device, spec["latentkit_options"], spec["precision"], backend)
+        # The OpenVINO backend converts float32 weights and lowers the precision itself.
+        load_dtype = "float32" if backend == "openvino" else spec["dtype"]
         pipe = latentkit.load_pipeline(
-            spec["folder"], device=device, dtype=spec["dtype"], progress=False, **options
+            spec["folder"], device=device, dtype=load_dtype, progress=False, **options
         )
 
         def on_step(step: Any) -> None:
@@ -581,7 +600,7 @@ def engine_precision(
     """The precision ``engine`` runs a DEVICE-DTYPE setting in: ``(dtype, "")``, or
     ``(None, why it is skipped)``."""
     if engine == "latentkit":
-        if dtype == "int8" and LATENTKIT_INT8_OPTIONS is None:
+        if dtype == "int8" and LATENTKIT_INT8_OPTIONS is None and LATENTKIT_BACKEND != "openvino":
             return None, "no int8 options set (LATENTKIT_INT8_OPTIONS in compare.py is None)"
         return dtype, ""
     if engine == "diffusers":
@@ -848,6 +867,12 @@ def main(argv: list[str] | None = None) -> int:
         help="extra load_pipeline keyword (VALUE a Python literal); repeatable",
     )
     parser.add_argument(
+        "--latentkit-backend",
+        choices=["torch", "openvino"],
+        default="torch",
+        help="latentkit's Performance(backend=...): openvino runs its own converted networks",
+    )
+    parser.add_argument(
         "--diffusers-bf16",
         action="store_true",
         help="run diffusers in bf16 too on cpu-bf16 settings (default: fp32 baseline)",
@@ -861,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
         help="write the peers' exports that these settings need, then stop (no measurement)",
     )
     args = parser.parse_args(argv)
+    global LATENTKIT_BACKEND
+    LATENTKIT_BACKEND = args.latentkit_backend
 
     import numpy as np
     import torch
@@ -943,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
         "prompt": args.prompt,
         "seed": args.seed,
         "latentkit_options": {
-            dev: repr(_latentkit_options(dev, args.latentkit_option)) for dev in LATENTKIT_OPTIONS
+            dev: repr(_latentkit_options(dev, args.latentkit_option, "", args.latentkit_backend))
+            for dev in LATENTKIT_OPTIONS
         },
         "latentkit_int8_options": repr(LATENTKIT_INT8_OPTIONS),
     }
@@ -1020,6 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
                         "prompt": args.prompt,
                         "seed": args.seed,
                         "latentkit_options": args.latentkit_option,
+                        "latentkit_backend": args.latentkit_backend,
                         "result_path": str(Path(tmp) / f"{name}.json"),
                         "image_path": str(Path(tmp) / f"{name}.npy"),
                     }

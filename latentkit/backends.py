@@ -109,6 +109,10 @@ class CudaGraphs:
         return out.clone()
 
 
+CONVERSION_VERSION = 2
+"""Part of the disk cache's key: raised when latentkit's traced graphs change (2: upsampling
+by phases as a depth-to-space instead of slice writes)."""
+
 OPENVINO_PRECISIONS = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 """OpenVINO's ``INFERENCE_PRECISION_HINT`` for `Performance.autocast`. Set always: on a CPU
 with AVX-512 BF16 OpenVINO's own default is bf16, which would make fp32 a silent bf16."""
@@ -234,6 +238,7 @@ class OpenVINONetwork:
         key = json.dumps(
             [
                 latentkit.__version__,
+                CONVERSION_VERSION,
                 import_openvino().__version__,
                 self.name,
                 self.identity,

@@ -206,6 +206,18 @@ def _parser() -> argparse.ArgumentParser:
         help="attention slicing: N (batch x head) slices at a time",
     )
     speed.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    speed.add_argument(
+        "--backend",
+        choices=["torch", "openvino"],
+        default="torch",
+        help="what runs the UNet and the decoder (openvino: CPU, converted once per size)",
+    )
+    speed.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="8-bit weights (with --backend openvino)",
+    )
     speed.add_argument("--cuda-graphs", action="store_true", help="replay the UNet as CUDA graphs")
     speed.add_argument("--tile-vae", action="store_true", help="decode large images in tiles")
     speed.add_argument(
@@ -396,6 +408,8 @@ def _generate(args: argparse.Namespace) -> int:
         attention=args.attention,
         attention_slice_size=args.attention_slice,
         compile=args.compile,
+        backend=args.backend,
+        quantize=args.quantize,
         cuda_graphs=args.cuda_graphs,
         vae_tiling=args.tile_vae,
         cpu_offload=args.offload,

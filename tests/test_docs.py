@@ -199,6 +199,7 @@ def verdicts(
     cmd += ["--local-model", str(sd1_path), "--distribution", distribution_name()]
     cmd += ["--out", str(out)]
     offline = {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    offline["LATENTKIT_CACHE"] = str(work / "latentkit-cache")  # not the user's ~/.cache
     proc = run(cmd, **offline, HF_HUB_DISABLE_TELEMETRY="1")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {v["id"]: v for v in json.loads(out.read_text())}

@@ -532,11 +532,12 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             for b in range(2):
                 out[:, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w].permute(0, 2, 3, 1)
         return out.view(n, 2 * h, 2 * w, k).permute(0, 3, 1, 2)
-    out = x.new_empty(n, k, h, 2, w, 2)
-    for a in range(2):
-        for b in range(2):
-            out[:, :, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w]
-    return out.view(n, k, 2 * h, 2 * w)
+    # Interleave the phases by stacking and one reshape (a depth-to-space), not by writes
+    # into slices: traced for another runtime (OpenVINO), slice writes become scatters with
+    # an index constant per element (hundreds of MB at 512x512).
+    phases = [y[:, a, b, :, a : a + h, b : b + w] for a in range(2) for b in range(2)]
+    out = torch.stack(phases, dim=-1).view(n, k, h, w, 2, 2)
+    return out.permute(0, 1, 2, 4, 3, 5).reshape(n, k, 2 * h, 2 * w)
 
 
 class Upsample(nn.Module):
