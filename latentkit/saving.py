@@ -20,6 +20,7 @@ import torch
 
 from latentkit.errors import InvalidArgumentError
 from latentkit.models.autoencoder import AutoencoderKL
+from latentkit.models.controlnet import ControlNet
 from latentkit.models.text_encoder import CLIPTextEncoder
 from latentkit.models.unet import UNet2DCondition
 from latentkit.protocols import Scheduler
@@ -130,6 +131,31 @@ def save_pipeline(
         index[DEFAULTS_KEY] = check_generation_defaults(generation_defaults)
     # Written last: a folder without it is not a pipeline, so an interrupted save is not loaded.
     _write_json(root / "model_index.json", index)
+    return root
+
+
+def save_controlnet(
+    folder: str | os.PathLike[str], controlnet: ControlNet, *, overwrite: bool = False
+) -> Path:
+    """Write ``controlnet`` to ``folder`` in the layout of diffusers' ``ControlNetModel``
+    (``config.json`` and ``diffusion_pytorch_model.safetensors``, weights in their current
+    dtype); returns its path. `LatentDiffusion.with_controlnet` and diffusers'
+    ``ControlNetModel.from_pretrained`` read it. An existing non-empty ``folder`` is refused
+    with `InvalidArgumentError` unless ``overwrite=True``, which replaces those two files.
+
+    Example:
+        >>> save_controlnet("my-controlnet", controlnet)  # doctest: +SKIP
+        >>> pipe = pipe.with_controlnet("my-controlnet")  # doctest: +SKIP
+    """
+    root = Path(folder).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InvalidArgumentError(f"{root} is a file; give a folder to write the ControlNet to")
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise InvalidArgumentError(
+            f"{root} exists and is not empty; pass overwrite=True to replace the ControlNet "
+            "files in it, or choose a new folder"
+        )
+    _save_model(root, controlnet.control_config.to_dict(), controlnet)
     return root
 
 

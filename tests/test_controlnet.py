@@ -171,6 +171,74 @@ def test_controlnet_network_matches_diffusers(
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_from_unet_copies_the_encoder_as_diffusers_does(models_root: Path, kind: str) -> None:
+    """`ControlNet.from_unet` gives diffusers' ``ControlNetModel.from_unet``: the same config
+    and keys, the UNet's encoder weights, zero convolutions that are zero; so before training
+    its residuals are zero and the UNet draws as without it (Zhang et al. 2023, sec. 3.1)."""
+    import diffusers
+    import tiny_models
+
+    folder = tiny_models.save_pipeline(kind, models_root)
+    theirs = diffusers.ControlNetModel.from_unet(
+        diffusers.UNet2DConditionModel.from_pretrained(str(folder / "unet")),
+        conditioning_embedding_out_channels=(8, 16),
+    )
+    unet = load(folder).unet
+    mine = ControlNet.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    assert mine.control_config == ControlNetConfig.from_dict(dict(theirs.config))
+    state = theirs.state_dict()
+    assert set(mine.state_dict()) == set(state)
+    # The control embedding's first layers are freshly initialised in both (at random).
+    fresh = ("controlnet_cond_embedding.conv_in.", "controlnet_cond_embedding.blocks.")
+    for key, value in mine.state_dict().items():
+        if not key.startswith(fresh):
+            assert torch.equal(value, state[key]), key
+    assert not any(
+        torch.equal(mine.state_dict()[k], state[k]) for k in state if k.startswith(fresh)
+    )
+    torch.manual_seed(0)
+    x, image = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 16, 16)
+    context = torch.randn(2, 5, mine.control_config.unet.cross_attention_dim)
+    vector = torch.randn(2, mine.control_config.unet.vector_dim) if kind == "sdxl" else None
+    with torch.no_grad():
+        residuals = mine(x, torch.tensor(421.0), context, image, vector)
+        plain = unet(x, torch.tensor(421.0), context, vector)
+        controlled = unet(x, torch.tensor(421.0), context, vector, control=residuals)
+    assert all(not r.any() for r in (*residuals.down, residuals.mid))
+    assert torch.equal(plain, controlled)
+
+
+def test_save_controlnet_writes_what_diffusers_and_with_controlnet_read(
+    sd1: Any, tmp_path: Path
+) -> None:
+    import diffusers
+
+    from latentkit.errors import InvalidArgumentError
+    from latentkit.saving import save_controlnet
+
+    mine = ControlNet.from_unet(sd1.unet, conditioning_embedding_out_channels=(8, 16))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained weights: the zero convolutions are not zero
+        for p in mine.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    folder = save_controlnet(tmp_path / "net", mine)
+    assert sorted(f.name for f in folder.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    state = mine.state_dict()
+    theirs = diffusers.ControlNetModel.from_pretrained(str(folder)).state_dict()
+    assert set(theirs) == set(state)
+    assert all(torch.equal(theirs[k], v) for k, v in state.items())
+    attached = sd1.with_controlnet(folder, progress=False).controls[0].network
+    assert attached.control_config == mine.control_config
+    assert all(torch.equal(attached.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(InvalidArgumentError, match="overwrite=True"):
+        save_controlnet(folder, mine)
+    assert save_controlnet(folder, mine, overwrite=True) == folder
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_unet_adds_residuals_where_diffusers_does(models_root: Path, kind: str) -> None:
     import diffusers
     import tiny_models

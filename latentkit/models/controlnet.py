@@ -184,6 +184,53 @@ class ControlNet(UNetEncoder):
         self.controlnet_down_blocks = nn.ModuleList(Conv2d(c, c, kernel_size=1) for c in widths)
         self.controlnet_mid_block = Conv2d(channels[-1], channels[-1], kernel_size=1)
 
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNetEncoder,
+        *,
+        conditioning_channels: int = 3,
+        conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+    ) -> ControlNet:
+        """A ControlNet to train for ``unet``: its encoder a copy of the UNet's (``conv_in``,
+        the time, vector and class embeddings, the down blocks and the middle block, weights
+        copied), and every zero convolution (``controlnet_down_blocks``,
+        ``controlnet_mid_block`` and the control embedding's ``conv_out``) zero, so that
+        before training it adds nothing and the UNet draws as before (Zhang et al. 2023,
+        sec. 3.1 and 3.3; diffusers' ``ControlNetModel.from_unet``). The rest of the control
+        embedding is initialised from torch's global generator, as any new module.
+
+        ``conditioning_embedding_out_channels`` needs ``2 ** (len - 1)`` equal to the
+        autoencoder's factor (8 for Stable Diffusion, 4 for the built-in shapes model).
+        Raises `InvalidConfigError` for values `ControlNetConfig.from_dict` refuses.
+        """
+        base = unet.config.to_dict()
+        # A ControlNet config has no sample size (diffusers' ``ControlNetModel`` takes none).
+        del base["sample_size"]
+        config = ControlNetConfig.from_dict(
+            {
+                **base,
+                "_class_name": "ControlNetModel",
+                "conditioning_channels": conditioning_channels,
+                "conditioning_embedding_out_channels": list(conditioning_embedding_out_channels),
+            }
+        )
+        controlnet = cls(config)
+        mine = controlnet.state_dict()
+        # The encoder's keys are the UNet's own (the same `UNetEncoder` builds both halves).
+        copied = {k: v for k, v in unet.state_dict().items() if k in mine}
+        controlnet.load_state_dict(copied, strict=False)
+        zero = [
+            *controlnet.controlnet_down_blocks,
+            controlnet.controlnet_mid_block,
+            controlnet.controlnet_cond_embedding.conv_out,
+        ]
+        with torch.no_grad():
+            for conv in zero:
+                for p in conv.parameters():
+                    p.zero_()
+        return controlnet.to(next(unet.parameters()).device, next(unet.parameters()).dtype)
+
     def forward(
         self,
         sample: Tensor,

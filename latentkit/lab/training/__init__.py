@@ -2,6 +2,7 @@
 
 - `autoencoder_loss` / `train_autoencoder`: the KL autoencoder (Rombach et al. 2022, sec. 3.1);
 - `denoiser_loss` / `train_denoiser`: the UNet (Ho et al. 2020, eq. 14, any prediction type);
+- `train_controlnet`: a ControlNet for a frozen UNet (Zhang et al. 2023, eq. 5);
 - `contrastive_loss`: CLIP's objective, to pretrain a text encoder (Radford et al. 2021);
 - `drop_context`: prompt dropout for classifier-free guidance (Ho & Salimans 2022);
 - `EMA`: the averaged weights to ship;
@@ -19,6 +20,7 @@ from latentkit.lab.training.loops import (
     LossLog,
     forever,
     train_autoencoder,
+    train_controlnet,
     train_denoiser,
 )
 from latentkit.lab.training.losses import (
@@ -50,5 +52,6 @@ __all__ = [
     "kl_to_standard_normal",
     "sample_timesteps",
     "train_autoencoder",
+    "train_controlnet",
     "train_denoiser",
 ]

@@ -1,4 +1,5 @@
-"""Minimal training loops for the autoencoder and the denoiser, seeded and with a loss log.
+"""Minimal training loops for the autoencoder, the denoiser and a ControlNet, seeded and with
+a loss log.
 
 Each loop is AdamW on the module's trainable parameters, one loss per step; the losses are
 `latentkit.lab.training.losses`. All randomness the loop draws (posterior samples, noise,
@@ -26,6 +27,8 @@ from latentkit.lab.training.losses import (
     drop_context,
 )
 from latentkit.models.autoencoder import AutoencoderKL
+from latentkit.models.controlnet import ControlNet
+from latentkit.models.unet import UNet2DCondition
 
 T = TypeVar("T")
 
@@ -225,4 +228,92 @@ def train_denoiser(
             progress=progress,
             callback=callback,
             description="denoiser",
+        )
+
+
+class _Controlled(nn.Module):
+    """The frozen UNet steered by a ControlNet reading ``image``, called as `denoiser_loss`
+    calls a denoiser: ``(sample, timestep, context) -> prediction``."""
+
+    def __init__(self, unet: UNet2DCondition, controlnet: ControlNet, image: Tensor) -> None:
+        super().__init__()
+        self.unet, self.controlnet, self.image = unet, controlnet, image
+
+    def forward(self, sample: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
+        control = self.controlnet(sample, timestep, context, self.image)
+        prediction: Tensor = self.unet(sample, timestep, context, control=control)
+        return prediction
+
+
+def train_controlnet(
+    controlnet: ControlNet,
+    unet: UNet2DCondition,
+    scheduler: TrainingSchedule,
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    empty_context: Tensor | None = None,
+    p_uncond: float = 0.1,
+    ema: EMA | None = None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    snr_gamma: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    callback: LossCallback | None = None,
+) -> LossLog:
+    """Train ``controlnet`` in place for the frozen ``unet`` on ``(latents, context,
+    control)`` batches for ``steps`` steps; returns ``(step, loss)``.
+
+    The objective is the UNet's own (`denoiser_loss`: Ho et al. 2020, eq. 14, with
+    ``scheduler``'s prediction type), with the ControlNet's residuals added to the UNet's
+    skip connections and middle block: Zhang et al. 2023, eq. 5, ``E || target -
+    model(x_t, t, c_t, c_f) ||^2`` with ``c_f`` the control image. Only the ControlNet
+    learns; gradients pass through the UNet, whose weights must be frozen (those of
+    `latentkit.load_pipeline` are). Start from `ControlNet.from_unet`, whose zero
+    convolutions make the first steps the UNet's own predictions.
+
+    ``latents`` are scaled VAE latents (B, C, h, w), ``context`` the text encoder's hidden
+    states (B, tokens, D), ``control`` the control images (B, channels, H, W) in [0, 1] at
+    the images' size. ``empty_context``, ``p_uncond``, ``ema``, ``snr_gamma`` and ``seed``
+    are as for `train_denoiser` (the paper replaces half the prompts with the empty one, so
+    that the ControlNet learns to read the control image without them: ``p_uncond=0.5``).
+
+    Raises `InvalidArgumentError`, before any step, for a UNet with trainable parameters.
+    """
+    _check_steps(steps)
+    if any(p.requires_grad for p in unet.parameters()):
+        raise InvalidArgumentError(
+            "train_controlnet trains the ControlNet for a frozen UNet; freeze it first with "
+            "unet.requires_grad_(False)"
+        )
+    device = _device(controlnet)
+    dtype = next(controlnet.parameters()).dtype
+    data = forever(batches)
+    with _seeded(seed, device) as generator:
+
+        def loss(step: int) -> Tensor:
+            latents, context, control = next(data)
+            latents = latents.to(device=device, dtype=dtype)
+            context = context.to(device=device, dtype=dtype)
+            control = control.to(device=device, dtype=dtype)
+            if empty_context is not None:
+                context = drop_context(
+                    context, empty_context, p_uncond=p_uncond, generator=generator
+                )
+            model = _Controlled(unet, controlnet, control)
+            return denoiser_loss(model, scheduler, latents, context, generator, snr_gamma=snr_gamma)
+
+        return _run(
+            controlnet,
+            loss,
+            steps=steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            ema=ema,
+            progress=progress,
+            callback=callback,
+            description="ControlNet",
         )
