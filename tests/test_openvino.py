@@ -196,3 +196,14 @@ def _missing() -> None:
 def test_feature_cache_is_refused(ov_pipe: Any) -> None:
     with pytest.raises(InvalidArgumentError, match="feature_cache needs the eager torch"):
         ov_pipe.generate("a cat", feature_cache=2, **KW)
+
+
+def test_sdxl_vector_conditioning_is_an_input_of_the_converted_unet(
+    sdxl_path: Path, ov_cache: Path
+) -> None:
+    """SDXL's UNet takes the pooled text + size vector as a fourth input."""
+    kw = dict(KW, height=64, width=64)
+    want = latentkit.load_pipeline(sdxl_path, progress=False).generate("a cat", **kw)
+    performance = latentkit.Performance(backend="openvino", cache_dir=ov_cache)
+    pipe = latentkit.load_pipeline(sdxl_path, progress=False, performance=performance)
+    assert _diff(pipe.generate("a cat", **kw), want) <= FP32
