@@ -124,7 +124,9 @@ class Performance:
     quantize: str | None = None
     """``"int8"`` (``backend="openvino"`` only): weights of every convolution and matrix
     product in 8 bits with a per-channel scale and zero point (NNCF weight compression),
-    computed in the `autocast` precision: a quarter of the UNet's float32 memory."""
+    computed in the `autocast` precision. A quarter of the float32 size on disk, but not in
+    memory: the compiled network holds expanded weights (SD 1.5 peaked at 6.4-7.3 GB,
+    docs/performance.md); faster than float32 (0.81x a step at 512x512), slower than bf16."""
     cache_dir: str | os.PathLike[str] | None = None
     """Where ``backend="openvino"`` keeps converted networks, keyed by the weight files,
     adapters, image size and options, so that a later load skips the conversion (a minute
