@@ -12,6 +12,7 @@ It prints the time of each and the largest pixel difference between the two imag
 
     python examples/fast_generation.py "a red circle left of a blue square"
     python examples/fast_generation.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --compile
+    python examples/fast_generation.py --backend openvino --autocast none   # pip install "latentkit-sdk[openvino]"
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--autocast", default="bf16", help="bf16, fp16 or none")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--tile-vae", action="store_true", help="decode in tiles")
+    parser.add_argument("--backend", default="torch", help="torch or openvino (CPU)")
+    parser.add_argument("--quantize", default=None, help="int8 (with --backend openvino)")
     args = parser.parse_args()
 
     plain = latentkit.Performance(
@@ -46,6 +49,8 @@ def main() -> None:
         autocast=None if args.autocast == "none" else args.autocast,
         compile=args.compile,
         vae_tiling=args.tile_vae,
+        backend=args.backend,
+        quantize=args.quantize,
     )
     args.output.mkdir(parents=True, exist_ok=True)
     pixels = {}

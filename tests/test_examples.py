@@ -99,6 +99,22 @@ def test_example_runs(script: str, tmp_path: Path, request: pytest.FixtureReques
         assert records and [r["index"] for r in records] == list(range(records[0]["total"]))
 
 
+def test_fast_generation_on_the_openvino_backend(
+    tmp_path: Path, sd1_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example's OpenVINO run: float32 through OpenVINO equals the plain path (1e-4 on
+    [0, 1] floats, so at most one grey level of 255 after rounding)."""
+    pytest.importorskip("openvino")
+    cmd = [sys.executable, "examples/fast_generation.py", "--model", str(sd1_path)]
+    cmd += ["--steps", "2", "--size", str(SIZE), "--output", str(tmp_path), "--device", "cpu"]
+    cmd += ["--backend", "openvino", "--autocast", "none"]
+    monkeypatch.setenv("LATENTKIT_CACHE", str(tmp_path / "cache"))  # not ~/.cache
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr
+    grey_levels = int(proc.stdout.split("largest pixel difference: ")[1].split()[0])
+    assert grey_levels <= 1
+
+
 def test_docs_build_strict(tmp_path: Path) -> None:
     for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
         try:
