@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -129,6 +130,21 @@ def import_openvino() -> Any:
     return openvino
 
 
+def import_nncf(*, check_only: bool = False) -> Any:
+    """The ``nncf`` module (int8 weight compression), or `MissingDependencyError`; with
+    ``check_only``, only whether it is installed (importing it takes seconds, and a load
+    that finds its converted network on disk never needs it)."""
+    if check_only and importlib.util.find_spec("nncf") is not None:
+        return None
+    try:
+        import nncf
+    except ImportError as e:
+        raise MissingDependencyError(
+            'Performance(quantize="int8") needs NNCF: pip install "latentkit-sdk[openvino]"'
+        ) from e
+    return nncf
+
+
 class _Flat(nn.Module):
     """``fn`` as a module of flat tensor inputs, for tracing (OpenVINO takes no None or
     tuples of tensors as inputs)."""
@@ -220,12 +236,7 @@ class OpenVINONetwork:
                 input=[(tuple(a.shape), _ov_type(ov, a.dtype)) for a in tensors],
             )
         if self.int8:
-            try:
-                import nncf
-            except ImportError as e:
-                raise MissingDependencyError(
-                    'Performance(quantize="int8") needs NNCF: pip install "latentkit-sdk[openvino]"'
-                ) from e
+            nncf = import_nncf()
             nncf.set_log_level(logging.WARNING)  # not a table of bit widths per network
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         return model

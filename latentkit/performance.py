@@ -24,6 +24,7 @@ from latentkit.backends import (
     CudaGraphs,
     OpenVINONetwork,
     default_cache_dir,
+    import_nncf,
     import_openvino,
 )
 from latentkit.errors import InvalidArgumentError
@@ -236,6 +237,8 @@ class Runtime:
                     "autocast='bf16'"
                 )
             import_openvino()  # MissingDependencyError now, not after loading
+            if p.quantize is not None:
+                import_nncf(check_only=True)
         if p.cuda_graphs and kind != "cuda":
             raise InvalidArgumentError(
                 f"cuda_graphs needs a CUDA device, this pipeline runs on {kind}"
