@@ -238,7 +238,10 @@ class OpenVINONetwork:
         if self.int8:
             nncf = import_nncf()
             nncf.set_log_level(logging.WARNING)  # not a table of bit widths per network
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            # NNCF draws its own progress bar on stdout, which a caller could not turn off
+            # (generate(progress=False)); the conversion around it has none either.
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         return model
 
     def _cached_path(self, tensors: Sequence[Tensor], layout: Layout) -> Path | None:
