@@ -15,6 +15,24 @@ if TYPE_CHECKING:
     from latentkit.results import GenerationParameters
 
 
+_PERFORMANCE_FLAGS = {
+    'backend="openvino"': "--backend openvino",
+    'quantize="int8"': "--quantize int8",
+    "compile=True": "--compile",
+    "cuda_graphs=True": "--cuda-graphs",
+    "cpu_offload=True": "--offload",
+    "dtype='fp32'": "--dtype fp32",
+    "autocast='bf16'": "--autocast bf16",
+}
+"""Python spellings in `Performance` / `load_pipeline` messages, and the flags that say them."""
+
+
+def _as_flags(message: str) -> str:
+    for python, flag in _PERFORMANCE_FLAGS.items():
+        message = message.replace(python, flag)
+    return message
+
+
 def _parser() -> argparse.ArgumentParser:
     from latentkit import __version__
     from latentkit.api import DEFAULT_MODEL
@@ -399,31 +417,37 @@ def _generate(args: argparse.Namespace) -> int:
         for what, path in (("--image", args.image), ("--mask", args.mask), ("--depth", args.depth))
     }
     control = _control_options(args)
-    performance = Performance(
-        autocast=args.autocast,
-        channels_last=args.channels_last,
-        fuse_qkv=args.fuse_qkv,
-        conv_gemm=args.conv_gemm,
-        upsample_phases=args.upsample_phases,
-        attention=args.attention,
-        attention_slice_size=args.attention_slice,
-        compile=args.compile,
-        backend=args.backend,
-        quantize=args.quantize,
-        cuda_graphs=args.cuda_graphs,
-        vae_tiling=args.tile_vae,
-        cpu_offload=args.offload,
-    )
-    pipe = load_pipeline(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.quiet,
-        performance=performance,
-        vae=args.vae,
-        prediction_type=args.prediction_type,
-        allow_pickle=args.allow_pickle,
-    )
+    try:
+        performance = Performance(
+            autocast=args.autocast,
+            channels_last=args.channels_last,
+            fuse_qkv=args.fuse_qkv,
+            conv_gemm=args.conv_gemm,
+            upsample_phases=args.upsample_phases,
+            attention=args.attention,
+            attention_slice_size=args.attention_slice,
+            compile=args.compile,
+            backend=args.backend,
+            quantize=args.quantize,
+            cuda_graphs=args.cuda_graphs,
+            vae_tiling=args.tile_vae,
+            cpu_offload=args.offload,
+        )
+        pipe = load_pipeline(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.quiet,
+            performance=performance,
+            vae=args.vae,
+            prediction_type=args.prediction_type,
+            allow_pickle=args.allow_pickle,
+        )
+    except InvalidArgumentError as e:
+        # Performance and load_pipeline name their Python keywords; here the flags are the way.
+        if _as_flags(str(e)) == str(e):
+            raise
+        raise InvalidArgumentError(_as_flags(str(e))) from e
     for source, scale in loras:
         pipe = pipe.with_lora(
             source, scale=1.0 if scale is None else scale, allow_pickle=args.allow_pickle

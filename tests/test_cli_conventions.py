@@ -221,3 +221,25 @@ def test_single_file_model_hash(tmp_path: Path, sd1_path: Path) -> None:
     assert params.model == "tiny-sd1"
     assert dict(params.extras)["Model hash"] == file_hash(path)[:10]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (
+            ["--quantize", "int8"],
+            "--quantize int8 runs on the OpenVINO backend: pass --backend openvino",
+        ),
+        (
+            ["--backend", "openvino", "--compile"],
+            "--backend openvino compiles the networks itself; --compile",
+        ),
+    ],
+)
+def test_performance_errors_name_the_flags(
+    sd1_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], said: str
+) -> None:
+    code = run("generate", "a cat", "--model", str(sd1_path), "-o", str(tmp_path / "x.png"), *flags)
+    err = capsys.readouterr().err
+    assert code != 0 and said in err, err
+    assert not (tmp_path / "x.png").exists()
