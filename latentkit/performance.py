@@ -218,6 +218,8 @@ class Runtime:
         self._unet_call: UNetCall | None = None
         self._unet_module: nn.Module | None = None  # eager, for calls with a FeatureCache
         self.identity: dict[str, str] = {}
+        self._weights: dict[str, Callable[[], None]] = {}
+        self._weights_lock = threading.Lock()
         # cpu_offload moves shared modules: one generate() at a time.
         self._lock = threading.Lock() if performance.cpu_offload else None
 
@@ -286,23 +288,41 @@ class Runtime:
         return self.device.type == "cpu" and network == "vae"
 
     def prepare(
-        self, unet: nn.Module, vae: nn.Module, *, identity: Mapping[str, str] | None = None
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        *,
+        identity: Mapping[str, str] | None = None,
+        weights: Mapping[str, Callable[[], None]] | None = None,
     ) -> None:
         """Apply the module-level options to the UNet and the autoencoder, in place.
 
         ``identity`` names each network's weights (``"unet"``, ``"vae"``: see
         `latentkit.backends.weight_identity`); the OpenVINO backend keys its disk cache on it.
+        ``weights`` loads a network's weights (``"unet"``, ``"vae"``) into a module built
+        without them (on the meta device). The torch backend reads them now; the OpenVINO
+        backend only if a network has no converted copy on disk, else when torch needs
+        them (`materialize`): a load from the disk cache then never holds SD 1.5's 3.4 GB
+        of float32 UNet weights.
         """
         p = self.performance
+        self.identity = dict(identity or {})
+        self._weights = dict(weights or {})
+        # Fusing projections and changing the memory layout rewrite weights: they need them.
+        if p.backend != "openvino" or p.fuse_qkv or p.channels_last:
+            self.materialize("unet", "vae")
         for name, module in (("unet", unet), ("vae", vae)):
             self.configure(module, name)
-        self.identity = dict(identity or {})
         call: UNetCall = unet
         if p.backend == "openvino":
-            call = self._openvino(unet, "unet")
+            network = self._openvino(unet, "unet", calibrate=True)
+            call = network
             # Kept when set: pipelines made by with_lora share the autoencoder.
             if isinstance(vae, AutoencoderKL) and vae.decode_network is None:
                 vae.decode_network = self._openvino(KLDecoder(vae), "vae")
+            for name, net in (("unet", network), ("vae", vae.decode_network)):
+                if not isinstance(net, OpenVINONetwork) or not net.converted():
+                    self.materialize(name)  # the conversion needs them: read them at load
         elif p.compile:
             # dynamic=False: one graph per input shape; a new step, prompt or seed with the
             # same shapes reuses it (tests check that the second call compiles nothing).
@@ -326,10 +346,28 @@ class Runtime:
         self._unet_call = call
         self._unet_module = unet
 
-    def _openvino(self, module: nn.Module, name: str) -> OpenVINONetwork:
+    def materialize(self, *names: str) -> None:
+        """Put the weights of the networks ``names`` (``"unet"``, ``"vae"``) in place where
+        the load left them out (`prepare`'s ``weights``): for whatever needs the torch
+        network itself (a LoRA applied to the UNet, the autoencoder's encoder, a
+        conversion). Idempotent and thread-safe."""
+        with self._weights_lock:
+            for name in names:
+                load = self._weights.pop(name, None)
+                if load is not None:
+                    load()
+
+    def _openvino(
+        self,
+        module: nn.Module,
+        name: str,
+        *,
+        calibrate: bool = False,
+    ) -> OpenVINONetwork:
         p = self.performance
         dtype = None if p.autocast is None else autocast_dtype(p.autocast)
         cache = default_cache_dir() if p.cache_dir is None else Path(p.cache_dir)
+        network = "unet" if name == "unet" else "vae"
         return OpenVINONetwork(
             module,
             name=name,
@@ -337,6 +375,8 @@ class Runtime:
             int8=p.quantize == "int8",
             identity=self.identity.get(name),
             cache_dir=cache,
+            weights=lambda: self.materialize(network),
+            calibrate=calibrate,
         )
 
     def configure(self, module: nn.Module, name: str) -> None:

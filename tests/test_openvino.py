@@ -2,8 +2,9 @@
 OpenVINO, checked against the eager torch path on the same weights and seeds.
 
 Tolerances: float32 images within 1e-4 of the torch path (float rounding of another set of
-kernels); bf16 and int8 weights are lossy, so those are bounded by what they cost on the tiny
-random models (measured 0.064 and 0.045 max abs on [0, 1] pixels; the bounds leave 2x).
+kernels); bf16 is lossy, so it is bounded by what it costs on the tiny random models
+(measured 0.064 max abs on [0, 1] pixels; the bound leaves 2x); int8, with its statically
+quantized activations, on the trained shapes model, where its error means something.
 """
 
 from __future__ import annotations
@@ -74,6 +75,63 @@ def test_a_second_load_reads_the_converted_model_from_disk(
     assert sorted(p.name for p in ov_cache.iterdir()) == files  # nothing added
 
 
+def test_a_load_from_the_disk_cache_never_reads_the_unet_or_decoder_weights(
+    sd1_path: Path, ov_cache: Path, ov_pipe: Any, torch_pipe: Any, sd1_lora_path: Path
+) -> None:
+    ov_pipe.generate("a cat", **KW)  # converted (and kept on disk) by now
+    performance = latentkit.Performance(backend="openvino", cache_dir=ov_cache)
+    again = latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
+    unread = [again.unet, again.vae]
+    assert all(p.is_meta for m in unread for p in m.parameters())
+    assert _diff(again.generate("a cat", **KW), torch_pipe.generate("a cat", **KW)) <= FP32
+    assert all(p.is_meta for p in again.unet.parameters())  # still: nothing needed them
+    # The encoder runs in torch, so img2img reads the autoencoder's weights then.
+    image = torch_pipe.generate("a cat", **KW).images
+    got = again.generate("a dog", image=image, strength=0.6, **KW)
+    want = torch_pipe.generate("a dog", image=image, strength=0.6, **KW)
+    assert _diff(got, want) <= FP32
+    assert not any(p.is_meta for p in again.vae.parameters())
+    # A LoRA wraps the base UNet's weights: they are read for it, and the result is exact.
+    lora = latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
+    got = lora.with_lora(sd1_lora_path, scale=0.8).generate("a cat", **KW)
+    want = torch_pipe.with_lora(sd1_lora_path, scale=0.8).generate("a cat", **KW)
+    assert _diff(got, want) <= FP32
+    # img2img on a pipeline made by with_lora reads the shared autoencoder's weights too.
+    lazy = latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
+    got = lazy.with_lora(sd1_lora_path, scale=0.8).generate(
+        "a dog", image=image, strength=0.6, **KW
+    )
+    want = torch_pipe.with_lora(sd1_lora_path, scale=0.8).generate(
+        "a dog", image=image, strength=0.6, **KW
+    )
+    assert _diff(got, want) <= FP32
+
+
+def test_mapped_weights_are_released_without_changing_them(tmp_path: Path) -> None:
+    import mmap
+
+    from latentkit.backends import _release_mapped
+
+    path = tmp_path / "w.bin"
+    data = bytes(range(256)) * (16 << 12)  # 16 MiB
+    path.write_bytes(data)
+
+    def resident_kib() -> int:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.read().splitlines()
+        for i, line in enumerate(lines):
+            if line.endswith(str(path)):
+                return next(int(x.split()[1]) for x in lines[i + 1 :] if x.startswith("Rss:"))
+        raise AssertionError("not mapped")
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert mapped[:] == data  # every page read: resident
+        assert resident_kib() >= 16 << 10
+        _release_mapped(path)
+        assert resident_kib() == 0
+        assert mapped[:] == data  # mapped again from the file, unchanged
+
+
 def test_changed_weights_are_not_read_from_the_cache(tmp_path: Path, sd1_path: Path) -> None:
     weights = tmp_path / "w.safetensors"
     weights.write_bytes((sd1_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
@@ -107,9 +165,7 @@ def test_controlnet_residuals_are_inputs_of_the_converted_unet(
     assert _diff(got, want) <= FP32
 
 
-@pytest.mark.parametrize(
-    ("options", "bound"), [({"autocast": "bf16"}, 0.13), ({"quantize": "int8"}, 0.09)]
-)
+@pytest.mark.parametrize(("options", "bound"), [({"autocast": "bf16"}, 0.13)])
 def test_lossy_precisions_stay_close(
     sd1_path: Path, ov_cache: Path, torch_pipe: Any, options: dict[str, Any], bound: float
 ) -> None:
@@ -122,22 +178,61 @@ def test_lossy_precisions_stay_close(
 
 def test_int8_keeps_eight_bit_weights_on_disk(sd1_path: Path, tmp_path: Path) -> None:
     performance = latentkit.Performance(backend="openvino", cache_dir=tmp_path, quantize="int8")
-    latentkit.load_pipeline(sd1_path, progress=False, performance=performance).generate(
-        "a cat", **KW
-    )
+    pipe = latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
+    got = pipe.generate("a cat", **KW)
+    assert bool(torch.isfinite(got.images).all())
     import openvino as ov
 
     (xml,) = tmp_path.glob("unet-*.xml")
     model = ov.Core().read_model(xml)
-    types = {
-        op.get_output_element_type(0).get_type_name()
-        for op in model.get_ops()
-        if op.get_type_name() == "Constant"
-    }
-    assert "u8" in types
+
+    def weight_type(op: Any) -> str:  # the constant at the end of the weight input's chain
+        node = op.input_value(1).get_node()
+        while node.get_type_name() != "Constant":
+            node = node.input_value(0).get_node()
+        return str(node.get_output_element_type(0).get_type_name())
+
+    ops = model.get_ordered_ops()
+    convolutions = [weight_type(op) for op in ops if op.get_type_name() == "Convolution"]
+    products = {weight_type(op) for op in ops if op.get_type_name() == "MatMul"} - {"f32"}
+    # Static int8 convolutions but the first and the last; 8-bit matrix-product weights
+    # (only the attention's products of activations have no constant weights).
+    assert convolutions[0] == convolutions[-1] == "f32"
+    assert set(convolutions[1:-1]) == {"i8"}
+    assert products == {"u8"}
     # A quarter of the float32 weights, plus scales, zero points and the small layers.
     float32 = (sd1_path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert xml.with_suffix(".bin").stat().st_size < 0.4 * float32
+
+
+def test_int8_calibration_is_fixed_noise_over_the_timesteps() -> None:
+    from latentkit.backends import CALIBRATION_TIMESTEPS, calibration_inputs
+
+    x, t, context = torch.ones(2, 4, 8, 8), torch.tensor(500.0), torch.randn(2, 77, 32)
+    first = calibration_inputs([x, t, context], (-1, -1, -1))
+    assert len(first) == CALIBRATION_TIMESTEPS
+    assert [float(item[1]) for item in first] == pytest.approx(
+        torch.linspace(999, 0, CALIBRATION_TIMESTEPS).tolist()
+    )
+    # Seeded noise of x's shape, the call's own conditioning; the same every time.
+    again = calibration_inputs([x * 5, t, context], (-1, -1, -1))
+    for a, b in zip(first, again, strict=True):
+        assert all((u == v).all() for u, v in zip(a, b, strict=True))
+    assert abs(float(first[0][0].std()) - 1) < 0.1 and (first[0][2] == context.numpy()).all()
+
+
+def test_int8_on_the_trained_shapes_model_stays_close_to_float32(tmp_path: Path) -> None:
+    """Static int8 on a trained model (random weights say little about quantization):
+    measured mean |Δ| 0.0022 and 0.0038 of [0, 1] pixels on these prompts (weight-only
+    int8: 0.0008); the bound leaves 2x."""
+    kw = dict(steps=12, seed=3, output_type="pt", progress=False)
+    prompts = ["a red circle left of a blue square", "a green triangle above a yellow circle"]
+    plain = latentkit.load_pipeline("latentkit/shapes", progress=False)
+    performance = latentkit.Performance(backend="openvino", cache_dir=tmp_path, quantize="int8")
+    int8 = latentkit.load_pipeline("latentkit/shapes", progress=False, performance=performance)
+    for prompt in prompts:
+        got, want = int8.generate(prompt, **kw).images, plain.generate(prompt, **kw).images
+        assert 0 < float((got - want).abs().mean()) <= 0.008
 
 
 def test_threads_share_one_pipeline(torch_pipe: Any, ov_pipe: Any) -> None:
