@@ -166,8 +166,7 @@ class OpenVINONetwork:
     input signature (static shapes: OpenVINO's fastest kernels are chosen per shape).
 
     ``precision`` is OpenVINO's inference precision (``"f32"``, ``"bf16"``, ``"f16"``).
-    ``int8`` puts the weights in 8 bits (`quantize_int8`); with ``calibrate`` the
-    convolutions are quantized statically, their activation ranges measured on
+    ``int8`` quantizes it (`quantize_int8`), the activation ranges measured on
     `calibration_inputs` (a UNet-style call ``(x, t, *conditioning)``).
     ``identity`` names the weights (their files and adapters,
     `latentkit.pipelines.parts.Parts.sources`): with it and a ``cache_dir``, a converted
@@ -188,10 +187,8 @@ class OpenVINONetwork:
         identity: str | None,
         cache_dir: Path | None,
         weights: Callable[[], None] | None = None,
-        calibrate: bool = False,
     ) -> None:
         self.module = module
-        self.calibrate = calibrate
         self.weights = weights
         self.name = name
         self.precision = precision
@@ -251,8 +248,7 @@ class OpenVINONetwork:
                 input=[(tuple(a.shape), _ov_type(ov, a.dtype)) for a in tensors],
             )
         if self.int8:
-            calibration = calibration_inputs(tensors, layout) if self.calibrate else None
-            model = quantize_int8(model, calibration)
+            model = quantize_int8(model, calibration_inputs(tensors, layout))
         return model
 
     def converted(self) -> bool:
@@ -276,7 +272,6 @@ class OpenVINONetwork:
                 self.name,
                 self.identity,
                 self.int8,
-                self.calibrate,
                 _module_options(self.module),
             ]
         )
@@ -317,12 +312,11 @@ def calibration_inputs(tensors: Sequence[Tensor], layout: Layout) -> list[list[A
     return [[x, steps[i].expand(t.shape).to(t.dtype).numpy(), *rest[1:]] for i in range(len(steps))]
 
 
-def quantize_int8(model: Any, inputs: Sequence[Sequence[Any]] | None) -> Any:
-    """``model`` (an OpenVINO model) with 8-bit weights: the matrix products' by NNCF's
+def quantize_int8(model: Any, inputs: Sequence[Sequence[Any]]) -> Any:
+    """``model`` (an OpenVINO model) in 8 bits: the matrix products' weights by NNCF's
     ``INT8_ASYM`` (w ≈ s·(q − z) per output channel, computed in the inference precision),
-    and, given calibration ``inputs``, the convolutions quantized statically (weights and
-    input activations int8, the activation ranges measured on ``inputs``); without
-    ``inputs`` the convolutions' weights are compressed like the matrix products'.
+    the convolutions statically (weights and input activations int8, the activation ranges
+    measured on the calibration ``inputs``).
 
     The split keeps 8-bit weights in memory for every layer: OpenVINO's CPU plugin runs
     matrix products straight from compressed weights but expands compressed convolution
@@ -347,12 +341,8 @@ def quantize_int8(model: Any, inputs: Sequence[Sequence[Any]] | None) -> Any:
         model = nncf.compress_weights(
             model,
             mode=nncf.CompressWeightsMode.INT8_ASYM,
-            ignored_scope=nncf.IgnoredScope(
-                types=["Convolution"] if inputs is not None else [], validate=False
-            ),
+            ignored_scope=nncf.IgnoredScope(types=["Convolution"], validate=False),
         )
-        if inputs is None:
-            return model
         model = nncf.quantize(
             model,
             nncf.Dataset(list(inputs)),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import latentkit
 from latentkit.lab.cli import main
 from latentkit.loading import builtin_model
 
@@ -105,6 +106,27 @@ def test_eval_options_reach_every_generate_call(
     assert "dpm-solver++ 2 steps, cfg 3" in capsys.readouterr().out
     assert len(seen) == 1  # one run, one batch
     assert seen[0]["feature_cache"] == 2 and seen[0]["guidance_interval"] == (0.5, 5)
+
+
+def test_eval_runs_the_pipeline_with_the_performance_flags(
+    sd1_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import latentkit.api as api
+
+    loaded: list[object] = []
+    original = api.load_pipeline
+
+    def spy(source: object, **options: object) -> object:
+        loaded.append(options["performance"])
+        return original(source, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api, "load_pipeline", spy)
+    args = ["eval", "--model", str(sd1_path), "--single", "1", "--two", "0", "--steps", "1"]
+    args += ["--guidance", "1", "--ddpm-steps", "0", "--schedulers", "ddim", "--quiet"]
+    assert main([*args, "--device", "cpu", "--autocast", "bf16"]) == 0
+    assert loaded[-1] == latentkit.Performance(autocast="bf16")
+    assert main([*args, "--quantize", "int8"]) == 2  # on the torch backend: refused
+    assert "OpenVINO backend" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
         "(e.g. feature_cache=3, 'guidance_interval=(0.28, 5.42)'); repeatable",
     )
     ev.add_argument("--vae", help="load_pipeline's vae=: another autoencoder (e.g. a TAESD folder)")
+    ev.add_argument(
+        "--backend",
+        choices=["torch", "openvino"],
+        default="torch",
+        help="Performance(backend=...): who runs the UNet and the decoder",
+    )
+    ev.add_argument("--autocast", choices=["bf16", "fp16"], help="Performance(autocast=...)")
+    ev.add_argument(
+        "--quantize", choices=["int8"], help="Performance(quantize=...): needs --backend openvino"
+    )
     ev.add_argument("--device", default="auto")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
@@ -59,6 +69,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from latentkit.errors import InvalidArgumentError
     from latentkit.lab import evaluation
     from latentkit.lab.shapes import held_out_prompts
+    from latentkit.performance import Performance
 
     try:
         steps = [int(n) for n in args.steps.split(",") if n]
@@ -77,7 +88,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         ddpm_steps=args.ddpm_steps,
         schedulers=[s for s in args.schedulers.split(",") if s],
     )
-    pipe = load_pipeline(args.model, device=args.device, progress=not args.quiet, vae=args.vae)
+    performance = Performance(backend=args.backend, autocast=args.autocast, quantize=args.quantize)
+    pipe = load_pipeline(
+        args.model,
+        device=args.device,
+        progress=not args.quiet,
+        vae=args.vae,
+        performance=performance,
+    )
     reports = evaluation.sampler_grid(
         pipe,
         prompts,
