@@ -77,7 +77,16 @@ CPU_SETTINGS = (
 CUDA_SETTINGS = ("cuda-fp16-512", "cuda-bf16-512", "cuda-fp16-1024", "cuda-bf16-1024")
 # int8 is int8 *weights*: the engines that have such a mode compute in float32 around them
 # (latentkit: LATENTKIT_INT8_OPTIONS; OpenVINO: NNCF weight compression, f32 inference).
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float32"}
+DTYPES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "int8": "float32",
+    "int8bf16": "float32",
+}
+INT8 = ("int8", "int8bf16")
+"""int8 settings: ``int8`` computes in float32 around the 8-bit weights, ``int8bf16`` in
+bf16 (what OpenVINO's CPU plugin picks by itself on a CPU with AVX-512 BF16)."""
 GUIDANCE = 7.5
 SCHEDULER = "dpm-solver++"  # diffusers: DPMSolverMultistepScheduler, whose default is dpmsolver++
 TINY_SIZE = 64  # the tiny test UNet/VAE: any multiple of 8 works, 64 keeps a run to seconds
@@ -396,11 +405,11 @@ def _latentkit_options(
 
         options["performance"] = latentkit.Performance(
             backend="openvino",
-            autocast="bf16" if precision == "bf16" else None,
-            quantize="int8" if precision == "int8" else None,
+            autocast="bf16" if precision in ("bf16", "int8bf16") else None,
+            quantize="int8" if precision in INT8 else None,
             cache_dir=str(HERE / ".cache" / "latentkit-openvino"),
         )
-    elif precision == "int8":
+    elif precision in INT8:
         options.update(LATENTKIT_INT8_OPTIONS or {})
     options.update(parse_options(extra))
     return options
@@ -583,7 +592,7 @@ def parse_setting(setting: str) -> tuple[str, str, int]:
         device, dtype, size = setting.split("-")
         if device not in ("cpu", "cuda") or dtype not in DTYPES:
             raise ValueError
-        if device == "cuda" and dtype == "int8":
+        if device == "cuda" and dtype in INT8:
             raise ValueError  # no engine here has a CUDA int8-weight mode
         return device, dtype, int(size)
     except ValueError:
@@ -600,7 +609,7 @@ def engine_precision(
     """The precision ``engine`` runs a DEVICE-DTYPE setting in: ``(dtype, "")``, or
     ``(None, why it is skipped)``."""
     if engine == "latentkit":
-        if dtype == "int8" and LATENTKIT_INT8_OPTIONS is None and LATENTKIT_BACKEND != "openvino":
+        if dtype in INT8 and LATENTKIT_INT8_OPTIONS is None and LATENTKIT_BACKEND != "openvino":
             return None, "no int8 options set (LATENTKIT_INT8_OPTIONS in compare.py is None)"
         return dtype, ""
     if engine == "diffusers":
@@ -608,14 +617,14 @@ def engine_precision(
         # baseline it is compared against (unless asked otherwise). diffusers has no int8
         # weights of its own: fp32 again. On CUDA, diffusers runs fp16/bf16 natively and
         # both libraries use the setting's dtype.
-        if dtype == "int8" or (device == "cpu" and dtype == "bf16" and not diffusers_bf16):
+        if dtype in INT8 or (device == "cpu" and dtype == "bf16" and not diffusers_bf16):
             return "fp32", ""
         return dtype, ""
     if arch not in PEER_ARCHES:
         return None, f"SD 1.x pipelines only (--arch {'/'.join(PEER_ARCHES)})"
     if device != "cpu":
         return None, "set up for the CPU only"
-    supported = {"openvino": ("fp32", "bf16", "int8"), "onnxruntime": ("fp32",)}[engine]
+    supported = {"openvino": ("fp32", "bf16", *INT8), "onnxruntime": ("fp32",)}[engine]
     if dtype not in supported:
         return None, f"{'/'.join(supported)} only"
     return dtype, ""
@@ -627,8 +636,11 @@ def peer_model_dir(folder: Path, engine: str, export_precision: str) -> Path:
 
 
 def peer_export_precision(engine: str, precision: str) -> str:
-    # OpenVINO's bf16 is an inference-time hint on the fp32 IR (peers.OV_EXPORT).
-    return "fp32" if engine == "openvino" and precision == "bf16" else precision
+    # OpenVINO's bf16 is an inference-time hint on the fp32 IR (peers.OV_EXPORT), and its
+    # int8bf16 the same hint on the int8 one.
+    if engine == "openvino" and precision == "bf16":
+        return "fp32"
+    return "int8" if precision == "int8bf16" else precision
 
 
 def ensure_peer_model(

@@ -30,9 +30,10 @@ import compare
 # OpenVINO CPU plugin precision per compare.py dtype. "f32" must be asked for: on CPUs with
 # AVX-512 BF16 or AMX the plugin's default is bf16. int8 is int8 *weights* (NNCF weight
 # compression, decompressed in the kernels) with f32 activations, so it differs from fp32 by
-# the weight compression only. bf16 runs the fp32 IR (compare.peer_export_precision): the
+# the weight compression only; int8bf16 the same weights with bf16 activations, what the
+# plugin does by itself on this CPU. bf16 runs the fp32 IR (compare.peer_export_precision): the
 # plugin converts the weights while compiling.
-OV_PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+OV_PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8bf16": "bf16"}
 
 
 def _tokenizer(folder: Path) -> Any:

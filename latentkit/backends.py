@@ -16,6 +16,7 @@ the weights' files, the input shapes and the options.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import hashlib
 import importlib.util
@@ -36,6 +37,12 @@ from latentkit.errors import MissingDependencyError
 from latentkit.protocols import ControlResiduals
 
 logger = logging.getLogger(__name__)
+
+SHOW_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "latentkit_show_progress", default=True
+)
+"""Whether a conversion started in this context draws its progress bar: the pipeline sets
+it from ``generate(progress=...)`` for the duration of the call (`Runtime.session`)."""
 
 Layout = tuple[int | None, ...]
 """How a call's arguments map to flat tensors: per argument None (absent), -1 (one tensor)
@@ -215,25 +222,56 @@ class OpenVINONetwork:
     def _compile(self, tensors: Sequence[Tensor], layout: Layout) -> Any:
         ov = import_openvino()
         path = self._cached_path(tensors, layout)
-        model: Any = path
-        if path is None or not path.exists():
-            if self.weights is not None:
-                self.weights()
-                self.weights = None
-            model = self._convert(tensors, layout)
-            if path is not None and _save_atomically(ov, model, path):
-                model = path  # compiled from the file, the converted copy can go
         config = {
             "INFERENCE_PRECISION_HINT": self.precision,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         }
-        if not isinstance(model, Path):
-            return ov.Core().compile_model(model, "CPU", config)
-        with _releasing_mapped(model.with_suffix(".bin")):
-            return ov.Core().compile_model(model, "CPU", config)
+        if path is not None and path.exists():
+            with _releasing_mapped(path.with_suffix(".bin")):
+                return ov.Core().compile_model(path, "CPU", config)
+        from tqdm.auto import tqdm
 
-    def _convert(self, tensors: Sequence[Tensor], layout: Layout) -> Any:
+        # Minutes for SD 1.5, once per size: a bar of the stages (none of them reports
+        # progress of its own that could be shown).
+        stages = ["reading weights", "tracing", *(["int8"] if self.int8 else []), "compiling"]
+        if path is not None:
+            stages.insert(-1, "saving")
+        bar = tqdm(
+            total=len(stages),
+            desc=f"converting {self.name} for OpenVINO",
+            disable=not SHOW_PROGRESS.get(),
+            leave=False,
+        )
+        with bar:
+
+            def stage(name: str) -> None:  # the bar counts the stages done before it
+                bar.set_postfix_str(name)
+                bar.update(stages.index(name) - bar.n)
+
+            stage("reading weights")
+            if self.weights is not None:
+                self.weights()
+                self.weights = None
+            stage("tracing")
+            model: Any = self._trace(tensors, layout)
+            if self.int8:
+                stage("int8")
+                model = quantize_int8(model, calibration_inputs(tensors, layout))
+            if path is not None:
+                stage("saving")
+                if _save_atomically(ov, model, path):
+                    model = path  # compiled from the file, the converted copy can go
+            stage("compiling")
+            if not isinstance(model, Path):
+                compiled = ov.Core().compile_model(model, "CPU", config)
+            else:
+                with _releasing_mapped(model.with_suffix(".bin")):
+                    compiled = ov.Core().compile_model(model, "CPU", config)
+            bar.update(len(stages) - bar.n)
+        return compiled
+
+    def _trace(self, tensors: Sequence[Tensor], layout: Layout) -> Any:
         ov = import_openvino()
         logger.info("converting %s for OpenVINO (once per input shape)", self.name)
         flat = _Flat(self.module, layout).eval()
@@ -247,8 +285,6 @@ class OpenVINONetwork:
                 example_input=tuple(tensors),
                 input=[(tuple(a.shape), _ov_type(ov, a.dtype)) for a in tensors],
             )
-        if self.int8:
-            model = quantize_int8(model, calibration_inputs(tensors, layout))
         return model
 
     def converted(self) -> bool:

@@ -234,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=["int8"],
         default=None,
-        help="8-bit weights (with --backend openvino)",
+        help="the UNet in 8 bits: int8 convolutions, 8-bit matrix weights (--backend openvino)",
     )
     speed.add_argument("--cuda-graphs", action="store_true", help="replay the UNet as CUDA graphs")
     speed.add_argument("--tile-vae", action="store_true", help="decode large images in tiles")

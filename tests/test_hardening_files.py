@@ -317,8 +317,6 @@ def test_the_tokenizer_checks_it_fits_its_text_encoder(model: Path) -> None:
         tokenizer.check_encoder(vocab_size=size, max_positions=76)
 
 
-
-
 def test_token_ids_beyond_the_embedding_table_fail_at_load(model: Path) -> None:
     vocab_file = model / "tokenizer" / "vocab.json"
     vocab = json.loads(vocab_file.read_text())
@@ -594,10 +592,7 @@ def file_mutation(draw: st.DrawFn, name: str, raw: bytes) -> tuple[bytes, list[s
 
 @pytest.mark.parametrize(
     "name",
-    [
-        name
-        for name in FUZZED_FILES
-    ],
+    [name for name in FUZZED_FILES],
 )
 @given(data=st.data())
 @FUZZ

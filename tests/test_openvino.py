@@ -68,7 +68,7 @@ def test_a_second_load_reads_the_converted_model_from_disk(
     def no_conversion(*args: Any) -> None:
         raise AssertionError("converted again although the disk cache has the network")
 
-    monkeypatch.setattr(OpenVINONetwork, "_convert", no_conversion)
+    monkeypatch.setattr(OpenVINONetwork, "_trace", no_conversion)
     performance = latentkit.Performance(backend="openvino", cache_dir=ov_cache)
     again = latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
     assert torch.equal(again.generate("a cat", **KW).images, first.images)
@@ -105,6 +105,20 @@ def test_a_load_from_the_disk_cache_never_reads_the_unet_or_decoder_weights(
         "a dog", image=image, strength=0.6, **KW
     )
     assert _diff(got, want) <= FP32
+
+
+def test_a_conversion_shows_its_stages_unless_progress_is_off(
+    sd1_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for folder, progress in (("quiet", False), ("shown", True)):
+        performance = latentkit.Performance(backend="openvino", cache_dir=tmp_path / folder)
+        pipe = latentkit.load_pipeline(sd1_path, progress=False, performance=performance)
+        pipe.generate("a cat", **dict(KW, progress=progress))
+        err = capsys.readouterr().err
+        for network in ("unet", "vae"):
+            assert (f"converting {network} for OpenVINO" in err) is progress
+    pipe.generate("a cat", **dict(KW, progress=True))  # converted: nothing to show
+    assert "converting" not in capsys.readouterr().err
 
 
 def test_mapped_weights_are_released_without_changing_them(tmp_path: Path) -> None:

@@ -583,7 +583,7 @@ class LatentDiffusion:
         batch = len(prompts[0]) * request.num_images
         assert self.runtime is not None
         rt = self.runtime
-        with rt.session():
+        with rt.session(progress=request.progress):
             generators, seeds = _generators(request, batch)
             sched = self.resolve_scheduler(request.scheduler)
             if request.timesteps is not None or request.sigmas is not None:
