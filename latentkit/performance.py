@@ -128,8 +128,8 @@ class Performance:
     quantized statically (int8 weights and activations, ranges calibrated once when the
     network is converted), matrix products get 8-bit weights with float activations; the
     rest runs in the `autocast` precision (pair it with ``autocast="bf16"``). SD 1.5 in
-    this mode: about 2.2 GB peak RSS and half of OpenVINO's own int8 step time on the CPU
-    of docs/performance.md, with its measured image differences."""
+    this mode: 2.2 GB peak RSS at 512x512 and 0.6-0.8x OpenVINO's own int8 step time on
+    the CPU of docs/performance.md, with its measured image differences."""
     cache_dir: str | os.PathLike[str] | None = None
     """Where ``backend="openvino"`` keeps converted networks, keyed by the weight files,
     adapters, image size and options, so that a later load skips the conversion (a minute
