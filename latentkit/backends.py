@@ -118,10 +118,10 @@ class CudaGraphs:
         return out.clone()
 
 
-CONVERSION_VERSION = 3
+CONVERSION_VERSION = 4
 """Part of the disk cache's key: raised when latentkit's traced graphs change (2: upsampling
 by phases as a depth-to-space instead of slice writes; 3: int8 convolutions quantized
-statically)."""
+statically; 4: their shortcuts float, min-max ranges)."""
 
 OPENVINO_PRECISIONS = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 """OpenVINO's ``INFERENCE_PRECISION_HINT`` for `Performance.autocast`. Set always: on a CPU
@@ -361,10 +361,16 @@ def quantize_int8(model: Any, inputs: Sequence[Sequence[Any]]) -> Any:
     int8 and runs on the CPU's int8 dot products (VNNI). The matrix products keep float
     activations (attention's and the feed-forwards' have outliers that per-tensor int8
     clips), and so do the first and the last convolution, as is usual (their inputs are
-    the latents and their outputs the prediction: measured on the shapes model, quantizing
-    them doubled the mean image difference).
+    the latents and their outputs the prediction), and the residual blocks' shortcuts.
+    Measured on the shapes model (32 two-shape prompts, 20 steps, guidance 7.5, bf16 around
+    it), mean pixel difference from float32: 0.0185 with only the first and last float,
+    0.0118 with the shortcuts float too, 0.0105 adding min-max activation ranges (bf16 alone:
+    0.0065). Calibrating on a DDIM trajectory of the float network instead of noise, and 16
+    timesteps instead of 8, measured no better.
     """
     nncf = import_nncf()
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
     nncf.set_log_level(logging.WARNING)  # not a table of bit widths per network
     convolutions = [
         op.get_friendly_name()
@@ -386,12 +392,20 @@ def quantize_int8(model: Any, inputs: Sequence[Sequence[Any]]) -> Any:
             model_type=nncf.ModelType.TRANSFORMER,
             ignored_scope=nncf.IgnoredScope(
                 names=[convolutions[0], convolutions[-1]],
+                # A residual block's 1x1 shortcut reads the un-normalised residual stream,
+                # whose outliers per-tensor int8 clips (the largest single error measured).
+                patterns=[r".*\.conv_shortcut/.*"],
                 types=["MatMul", "ScaledDotProductAttention"],
                 validate=False,
             ),
-            # SmoothQuant would move activation scales into the matrix products' weights,
-            # which keep float inputs here.
-            advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                # SmoothQuant would move activation scales into the matrix products'
+                # weights, which keep float inputs here.
+                smooth_quant_alpha=-1,
+                # The full measured range, not a quantile: clipping the rare large
+                # activations cost more than the coarser steps (measured below).
+                activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+            ),
         )
     return model
 

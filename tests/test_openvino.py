@@ -207,12 +207,16 @@ def test_int8_keeps_eight_bit_weights_on_disk(sd1_path: Path, tmp_path: Path) ->
         return str(node.get_output_element_type(0).get_type_name())
 
     ops = model.get_ordered_ops()
-    convolutions = [weight_type(op) for op in ops if op.get_type_name() == "Convolution"]
+    convolutions = [op for op in ops if op.get_type_name() == "Convolution"]
     products = {weight_type(op) for op in ops if op.get_type_name() == "MatMul"} - {"f32"}
-    # Static int8 convolutions but the first and the last; 8-bit matrix-product weights
-    # (only the attention's products of activations have no constant weights).
-    assert convolutions[0] == convolutions[-1] == "f32"
-    assert set(convolutions[1:-1]) == {"i8"}
+    # Static int8 convolutions but the first, the last and the residual shortcuts; 8-bit
+    # matrix-product weights (only attention's products of activations have no constants).
+    floats = {0, len(convolutions) - 1} | {
+        i for i, op in enumerate(convolutions) if ".conv_shortcut/" in op.get_friendly_name()
+    }
+    assert len(floats) > 2  # the tiny UNet has shortcuts
+    for i, op in enumerate(convolutions):
+        assert weight_type(op) == ("f32" if i in floats else "i8"), op.get_friendly_name()
     assert products == {"u8"}
     # A quarter of the float32 weights, plus scales, zero points and the small layers.
     float32 = (sd1_path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
@@ -237,8 +241,9 @@ def test_int8_calibration_is_fixed_noise_over_the_timesteps() -> None:
 
 def test_int8_on_the_trained_shapes_model_stays_close_to_float32(tmp_path: Path) -> None:
     """Static int8 on a trained model (random weights say little about quantization):
-    measured mean |Δ| 0.0022 and 0.0038 of [0, 1] pixels on these prompts (weight-only
-    int8: 0.0008); the bound leaves 2x."""
+    measured mean |Δ| 0.0007 and 0.0012 of [0, 1] pixels on these prompts (weight-only
+    int8: 0.0008; 0.0022 and 0.0038 with the residual shortcuts int8 too); the bound
+    leaves 2x."""
     kw = dict(steps=12, seed=3, output_type="pt", progress=False)
     prompts = ["a red circle left of a blue square", "a green triangle above a yellow circle"]
     plain = latentkit.load_pipeline("latentkit/shapes", progress=False)
@@ -246,7 +251,7 @@ def test_int8_on_the_trained_shapes_model_stays_close_to_float32(tmp_path: Path)
     int8 = latentkit.load_pipeline("latentkit/shapes", progress=False, performance=performance)
     for prompt in prompts:
         got, want = int8.generate(prompt, **kw).images, plain.generate(prompt, **kw).images
-        assert 0 < float((got - want).abs().mean()) <= 0.008
+        assert 0 < float((got - want).abs().mean()) <= 0.0025
 
 
 def test_threads_share_one_pipeline(torch_pipe: Any, ov_pipe: Any) -> None:
