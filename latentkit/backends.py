@@ -228,8 +228,7 @@ class OpenVINONetwork:
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         }
         if path is not None and path.exists():
-            with _releasing_mapped(path.with_suffix(".bin")):
-                return ov.Core().compile_model(path, "CPU", config)
+            return _compile_for_cpu(ov, path, config)
         from tqdm.auto import tqdm
 
         # Minutes for SD 1.5, once per size: a bar of the stages (none of them reports
@@ -263,11 +262,7 @@ class OpenVINONetwork:
                 if _save_atomically(ov, model, path):
                     model = path  # compiled from the file, the converted copy can go
             stage("compiling")
-            if not isinstance(model, Path):
-                compiled = ov.Core().compile_model(model, "CPU", config)
-            else:
-                with _releasing_mapped(model.with_suffix(".bin")):
-                    compiled = ov.Core().compile_model(model, "CPU", config)
+            compiled = _compile_for_cpu(ov, model, config)
             bar.update(len(stages) - bar.n)
         return compiled
 
@@ -334,18 +329,16 @@ def calibration_inputs(tensors: Sequence[Tensor], layout: Layout) -> list[list[A
     pipelines scale it so) and ``t`` `CALIBRATION_TIMESTEPS` timesteps spread over
     0..999, since the activations' ranges move with the timestep (Q-Diffusion, Li et al.
     2023, §3.2: calibrating on one step leaves the others clipped). Seeded, so the same
-    first call always gives the same int8 network. A call of another shape (the
-    autoencoder's decoder: one input) gets its own input, fixed noise likewise.
+    first call always gives the same int8 network.
     """
+    if layout[:2] != (-1, -1):
+        raise ValueError(f"calibration_inputs needs a call (x, t, ...), got layout {layout}")
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(tensors[0].shape, generator=generator, dtype=torch.float32)
     x = noise.to(tensors[0].dtype).numpy()
-    rest = [a.numpy() for a in tensors[1:]]
-    if layout[:2] != (-1, -1) or not rest:
-        return [[x, *rest]]
-    t = tensors[1]
+    t, conditioning = tensors[1], [a.numpy() for a in tensors[2:]]
     steps = torch.linspace(999, 0, CALIBRATION_TIMESTEPS)
-    return [[x, steps[i].expand(t.shape).to(t.dtype).numpy(), *rest[1:]] for i in range(len(steps))]
+    return [[x, s.expand(t.shape).to(t.dtype).numpy(), *conditioning] for s in steps]
 
 
 def quantize_int8(model: Any, inputs: Sequence[Sequence[Any]]) -> Any:
@@ -431,6 +424,15 @@ def _ov_type(ov: Any, dtype: torch.dtype) -> Any:
         torch.float16: ov.Type.f16,
     }
     return types[dtype]
+
+
+def _compile_for_cpu(ov: Any, model: Any, config: dict[str, Any]) -> Any:
+    """``model`` (an OpenVINO model, or the path of a saved one) compiled for the CPU; a
+    saved one's mapped weights released as they are copied (`_releasing_mapped`)."""
+    if not isinstance(model, Path):
+        return ov.Core().compile_model(model, "CPU", config)
+    with _releasing_mapped(model.with_suffix(".bin")):
+        return ov.Core().compile_model(model, "CPU", config)
 
 
 def _release_mapped(path: Path) -> None:

@@ -371,7 +371,6 @@ class Runtime:
         p = self.performance
         dtype = None if p.autocast is None else autocast_dtype(p.autocast)
         cache = default_cache_dir() if p.cache_dir is None else Path(p.cache_dir)
-        network = "unet" if name == "unet" else "vae"
         return OpenVINONetwork(
             module,
             name=name,
@@ -379,7 +378,7 @@ class Runtime:
             int8=p.quantize == "int8" and name == "unet",
             identity=self.identity.get(name),
             cache_dir=cache,
-            weights=lambda: self.materialize(network),
+            weights=lambda: self.materialize(name),
         )
 
     def configure(self, module: nn.Module, name: str) -> None:

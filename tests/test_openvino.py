@@ -237,6 +237,8 @@ def test_int8_calibration_is_fixed_noise_over_the_timesteps() -> None:
     for a, b in zip(first, again, strict=True):
         assert all((u == v).all() for u, v in zip(a, b, strict=True))
     assert abs(float(first[0][0].std()) - 1) < 0.1 and (first[0][2] == context.numpy()).all()
+    with pytest.raises(ValueError, match="needs a call"):  # not a UNet-style call
+        calibration_inputs([x], (-1,))
 
 
 def test_int8_on_the_trained_shapes_model_stays_close_to_float32(tmp_path: Path) -> None:

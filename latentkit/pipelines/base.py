@@ -252,7 +252,6 @@ class LatentDiffusion:
                 vae_dt = torch.float32 if upcast else dt
                 load_into(vae, parts.tensors("vae", home, vae_dt), name="vae")
 
-            bar.update(2)
             # The OpenVINO backend's bf16 runs the text encoder in torch under bf16
             # autocast, which computes its matrix products from bf16 copies of the weights
             # anyway: keeping them in bf16 halves their memory (SD 1.5: 470 → 235 MiB).
@@ -286,7 +285,7 @@ class LatentDiffusion:
                 identity=_identity(parts, runtime, dt),
                 weights={"unet": unet_weights, "vae": vae_weights},
             )
-            bar.update()
+            bar.update(3)  # the UNet and autoencoder weights (where read), then prepared
         model_index = parts.model_index
         return cls(
             unet=unet,
